@@ -1,0 +1,42 @@
+"""spark-ray-udf: a model stored in Delta, served by a pool of Ray actors as a Spark SQL function.
+
+>>> import spark_ray_udf
+>>> sorted(spark_ray_udf.__all__)[:3]
+['CallTimeoutError', 'InputError', 'ModelApplyError']
+"""
+
+from spark_ray_udf.builtins import apply_keras, init_keras
+from spark_ray_udf.errors import (
+    CallTimeoutError,
+    InputError,
+    ModelApplyError,
+    ModelInitError,
+    ModelNotFoundError,
+    ModelTableError,
+    PoolClosedError,
+    RayUnavailableError,
+    SparkRayUdfError,
+)
+from spark_ray_udf.store import latest_version, load_model, save_model
+from spark_ray_udf.udf import RayModel, register_ray_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallTimeoutError",
+    "InputError",
+    "ModelApplyError",
+    "ModelInitError",
+    "ModelNotFoundError",
+    "ModelTableError",
+    "PoolClosedError",
+    "RayModel",
+    "RayUnavailableError",
+    "SparkRayUdfError",
+    "apply_keras",
+    "init_keras",
+    "latest_version",
+    "load_model",
+    "register_ray_model",
+    "save_model",
+]

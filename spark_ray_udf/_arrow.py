@@ -1,0 +1,366 @@
+"""Arrow <-> numpy conversion and return-type checks.
+
+Pure functions: no Spark session, no Ray. They run inside the Ray actors on every batch, so they
+avoid a Python object per row wherever Arrow allows it:
+
+* a numeric column becomes a 1-D array (zero copy when it has no nulls);
+* a fixed-length ``array<float|double|int>`` column (Arrow ``list`` or ``fixed_size_list``) becomes
+  a 2-D array ``(rows, length)`` reshaped from the child buffer, float32 kept as float32;
+* nested fixed-length arrays become 3-D and deeper arrays the same way.
+
+Nulls follow a per-function policy (:data:`NullPolicy`): ``"error"`` (the default) refuses the
+batch naming the argument and the row; ``"skip"`` leaves such rows out of ``apply_func`` and
+returns null for them. NaN is a value, not a null: it is passed to ``apply_func`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from spark_ray_udf.errors import InputError, ModelApplyError
+
+NullPolicy = Literal["error", "skip"]
+
+_NUMERIC_HINT = "cast it in SQL, e.g. cast(col as double) or cast(col as array<float>)"
+
+
+def describe_argument(index: int, arr_type: pa.DataType) -> str:
+    """Name an argument for error messages: ``argument 2 (list<item: float>)``.
+
+    >>> describe_argument(0, pa.float64())
+    'argument 1 (double)'
+    """
+    return f"argument {index + 1} ({arr_type})"
+
+
+def null_rows(columns: Sequence[pa.Array]) -> np.ndarray | None:
+    """Return a boolean mask of the rows where any column is null, or None when there are none.
+
+    >>> null_rows([pa.array([1.0, None, 3.0]), pa.array([1, 2, None])]).tolist()
+    [False, True, True]
+    >>> null_rows([pa.array([1.0, 2.0])]) is None
+    True
+    """
+    mask: np.ndarray | None = None
+    for col in columns:
+        if col.null_count == 0:
+            continue
+        col_mask = col.is_null().to_numpy(zero_copy_only=False)
+        mask = col_mask if mask is None else (mask | col_mask)
+    return mask
+
+
+def arrow_to_numpy(arr: pa.Array, *, argument: str, row_offset: int = 0) -> np.ndarray:
+    """Convert one argument column (without top-level nulls) into a numpy array.
+
+    ``argument`` names the column in errors; ``row_offset`` is added to row numbers in errors so
+    they count from the start of the Spark task, not of the batch.
+
+    >>> arrow_to_numpy(pa.array([1.5, 2.5]), argument="x").tolist()
+    [1.5, 2.5]
+    >>> m = arrow_to_numpy(pa.array([[1, 2], [3, 4]], pa.list_(pa.float32())), argument="x")
+    >>> m.shape, m.dtype.name
+    ((2, 2), 'float32')
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        return arrow_to_numpy(arr.dictionary_decode(), argument=argument, row_offset=row_offset)
+    if arr.null_count:
+        first = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(
+            f"{argument}: row {row_offset + first} is null; filter or coalesce nulls in SQL, "
+            "or register the function with on_null='skip' to return null for such rows"
+        )
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return arr.to_numpy(zero_copy_only=False)
+    if pa.types.is_boolean(t):
+        return arr.to_numpy(zero_copy_only=False)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return arr.to_numpy(zero_copy_only=False)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return arr.to_numpy(zero_copy_only=False)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _list_to_numpy(arr, argument=argument, row_offset=row_offset)
+    if pa.types.is_struct(t):
+        raise InputError(
+            f"{argument} is a struct, but a number, string or array was expected; pass its "
+            "fields as separate arguments (col.a, col.b) or build an array in SQL (array(col.a, col.b))"
+        )
+    raise InputError(f"{argument} has the unsupported type {t}; {_NUMERIC_HINT}")
+
+
+def _list_to_numpy(arr: pa.Array, *, argument: str, row_offset: int) -> np.ndarray:
+    n = len(arr)
+    t = arr.type
+    if pa.types.is_fixed_size_list(t):
+        width = t.list_size
+    else:
+        offsets = arr.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        width = int(lengths[0]) if n else 0
+        if n:
+            ragged = np.flatnonzero(lengths != width)
+            if ragged.size:
+                bad = int(ragged[0])
+                raise InputError(
+                    f"{argument}: row {row_offset + bad} has {int(lengths[bad])} elements but row "
+                    f"{row_offset} has {width}; an array argument must have one fixed length in a "
+                    "batch: pad or truncate the arrays, or filter the odd rows in SQL"
+                )
+    values = arr.flatten()
+    if values.null_count:
+        first = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        row = row_offset + (first // width if width else 0)
+        raise InputError(
+            f"{argument}: row {row} holds a null element inside its array; replace null "
+            "elements in SQL, e.g. transform(col, x -> coalesce(x, 0.0))"
+        )
+    vt = values.type
+    if not (
+        pa.types.is_integer(vt)
+        or pa.types.is_floating(vt)
+        or pa.types.is_boolean(vt)
+        or pa.types.is_list(vt)
+        or pa.types.is_large_list(vt)
+        or pa.types.is_fixed_size_list(vt)
+    ):
+        raise InputError(
+            f"{argument} is an array of {vt}; only arrays of numbers (or of such arrays) are "
+            f"supported: {_NUMERIC_HINT}"
+        )
+    inner = arrow_to_numpy(values, argument=argument, row_offset=row_offset)
+    return inner.reshape((n, width) + inner.shape[1:])
+
+
+def prepare_inputs(
+    columns: Sequence[pa.Array],
+    *,
+    function: str,
+    on_null: NullPolicy = "error",
+    row_offset: int = 0,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Turn the argument columns of one batch into numpy arrays for ``apply_func``.
+
+    Returns the arrays and, under ``on_null="skip"``, the mask of rows kept (None when every row
+    is kept).
+
+    >>> arrays, kept = prepare_inputs([pa.array([1.0, None, 3.0])], function="f", on_null="skip")
+    >>> arrays[0].tolist(), kept.tolist()
+    ([1.0, 3.0], [True, False, True])
+    """
+    kept: np.ndarray | None = None
+    if on_null == "skip":
+        nulls = null_rows(columns)
+        if nulls is not None:
+            kept = ~nulls
+            mask = pa.array(kept)
+            columns = [c.filter(mask) for c in columns]
+    elif on_null != "error":
+        raise ValueError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
+    arrays = [
+        arrow_to_numpy(
+            col,
+            argument=f"{function}: {describe_argument(i, col.type)}",
+            row_offset=row_offset,
+        )
+        for i, col in enumerate(columns)
+    ]
+    return arrays, kept
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _is_stringy(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def check_return_type(t: pa.DataType, *, where: str = "return_type") -> None:
+    """Refuse return types the library cannot build from numpy results.
+
+    Supported: integers, floats, boolean, string, arrays of those (nested too), and structs of
+    any of these.
+
+    >>> check_return_type(pa.list_(pa.float64()))
+    >>> check_return_type(pa.timestamp("us"))
+    Traceback (most recent call last):
+    ...
+    TypeError: return_type timestamp[us] is not supported; use double, float, bigint, int, boolean, string, array<...> or struct<...>
+    """
+    if _is_numeric(t) or _is_stringy(t):
+        return
+    if _is_list(t):
+        check_return_type(t.value_type, where=where)
+        return
+    if pa.types.is_struct(t):
+        for field in t:
+            check_return_type(field.type, where=f"{where} field {field.name!r}")
+        return
+    raise TypeError(
+        f"{where} {t} is not supported; use double, float, bigint, int, boolean, string, "
+        "array<...> or struct<...>"
+    )
+
+
+def to_result_array(
+    result: Any,
+    return_type: pa.DataType,
+    n_rows: int,
+    *,
+    function: str,
+    kept: np.ndarray | None = None,
+    row_offset: int = 0,
+) -> pa.Array:
+    """Check ``apply_func``'s result for one batch and turn it into an Arrow array.
+
+    ``n_rows`` is the batch's row count; with ``kept`` (rows sent to ``apply_func`` under the
+    ``"skip"`` null policy) the result holds one value per kept row and the skipped rows become
+    null.
+
+    >>> to_result_array(np.array([1, 2]), pa.float64(), 2, function="f").to_pylist()
+    [1.0, 2.0]
+    >>> to_result_array(np.ones((2, 3), np.float32), pa.list_(pa.float64()), 2, function="f").type
+    ListType(list<item: double>)
+    """
+    expected = n_rows if kept is None else int(kept.sum())
+    where = f"{function}: apply_func's result for rows {row_offset}..{row_offset + n_rows - 1}"
+    arr = _convert(result, return_type, expected, where=where)
+    if kept is not None:
+        indices = np.cumsum(kept) - 1
+        arr = arr.take(pa.array(indices, mask=~kept))
+    return arr
+
+
+def _length(result: Any) -> int:
+    try:
+        return len(result)
+    except TypeError:
+        return -1
+
+
+def _convert(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
+    if pa.types.is_struct(t):
+        return _convert_struct(result, t, n, where=where)
+    if hasattr(result, "to_numpy") and not isinstance(result, (pa.Array, pa.ChunkedArray)):
+        result = result.to_numpy()  # pandas Series, tf.Tensor
+    if isinstance(result, pa.ChunkedArray):
+        result = result.combine_chunks()
+    got = _length(result)
+    if got != n:
+        shape = getattr(result, "shape", None)
+        raise ModelApplyError(
+            f"{where}: expected {n} values (one per row), got "
+            f"{got if got >= 0 else type(result).__name__}"
+            f"{f' with shape {shape}' if shape is not None else ''}; apply_func must return "
+            "one prediction per input row"
+        )
+    if _is_list(t):
+        return _convert_list(result, t, n, where=where)
+    if isinstance(result, pa.Array):
+        arr = result
+    else:
+        values = np.asarray(result)
+        if values.ndim != 1:
+            raise ModelApplyError(
+                f"{where}: got an array of shape {values.shape} for return type {t}; reduce it "
+                "to one value per row (e.g. .argmax(axis=1)) or declare return_type='array<double>'"
+            )
+        try:
+            arr = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ModelApplyError(
+                f"{where}: cannot convert values of dtype {values.dtype} to Arrow: {exc}"
+            ) from exc
+    return _cast(arr, t, where=where)
+
+
+def _cast(arr: pa.Array, t: pa.DataType, *, where: str) -> pa.Array:
+    src = arr.type
+    if pa.types.is_null(src):
+        return pa.nulls(len(arr), t)
+    compatible = (_is_numeric(src) and _is_numeric(t)) or (_is_stringy(src) and _is_stringy(t))
+    if not compatible:
+        raise ModelApplyError(
+            f"{where}: got values of type {src} for return type {t}; return "
+            f"{'numbers' if _is_numeric(t) else 'strings'} or change return_type"
+        )
+    if src == t:
+        return arr
+    try:
+        return arr.cast(t, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ModelApplyError(
+            f"{where}: values of type {src} do not fit return type {t} ({exc}); round or clip "
+            "them, or change return_type"
+        ) from exc
+
+
+def _convert_list(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
+    value_type = t.value_type
+    if isinstance(result, pa.Array):
+        if not _is_list(result.type):
+            raise ModelApplyError(f"{where}: got {result.type} for return type {t}")
+        return result.cast(t)
+    if isinstance(result, np.ndarray) and result.ndim >= 2 and result.dtype != object:
+        width = result.shape[1]
+        flat = result.reshape((n * width,) + result.shape[2:]) if n else result.reshape(
+            (0,) + result.shape[2:]
+        )
+        values = _convert(flat, value_type, n * width, where=where)
+        offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32)[: n + 1])
+        return pa.ListArray.from_arrays(offsets, values, type=pa.list_(pa.field("element", value_type)))
+    if isinstance(result, np.ndarray) and result.ndim == 1 and result.dtype != object:
+        raise ModelApplyError(
+            f"{where}: got a 1-D array for return type {t}; return a 2-D array (rows x length) "
+            "or a list of arrays, or change return_type to a scalar type"
+        )
+    try:
+        arr = pa.array([None if r is None else np.asarray(r).tolist() for r in result])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ModelApplyError(f"{where}: cannot build {t} from the result: {exc}") from exc
+    if not _is_list(arr.type) and not pa.types.is_null(arr.type):
+        raise ModelApplyError(f"{where}: got {arr.type} for return type {t}")
+    try:
+        return arr.cast(t, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ModelApplyError(f"{where}: cannot build {t} from the result: {exc}") from exc
+
+
+def _convert_struct(result: Any, t: pa.StructType, n: int, *, where: str) -> pa.Array:
+    if not (isinstance(result, Mapping) or hasattr(result, "columns")):
+        raise ModelApplyError(
+            f"{where}: return type {t} needs a dict of arrays or a pandas DataFrame keyed by "
+            f"field name, got {type(result).__name__}"
+        )
+    names = [f.name for f in t]
+    available = list(result.keys()) if isinstance(result, Mapping) else list(result.columns)
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ModelApplyError(
+            f"{where}: fields {missing} of return type {t} are missing from the result "
+            f"(it has {available})"
+        )
+    children = [
+        _convert(result[f.name], f.type, n, where=f"{where}, field {f.name!r}") for f in t
+    ]
+    return pa.StructArray.from_arrays(children, fields=list(t))
+
+
+def empty_result(return_type: pa.DataType) -> pa.Array:
+    """An empty array of the return type, for empty batches (``apply_func`` is not called).
+
+    >>> len(empty_result(pa.float64()))
+    0
+    """
+    return pa.array([], type=return_type)

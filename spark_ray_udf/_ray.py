@@ -1,0 +1,122 @@
+"""Connecting to Ray, on the driver and in Spark's Python workers.
+
+* On the driver, :func:`ensure_ray` connects to ``ray_address`` / ``RAY_ADDRESS`` when given, and
+  otherwise starts a local Ray bound to 127.0.0.1 with the dashboard off (the embedded default).
+* In a Spark Python worker, :func:`connect_worker` connects once per process to the driver's GCS
+  address that travelled in the UDF closure (a bare ``ray.init()`` there would silently start a
+  private cluster per worker).
+
+Before any ``ray.init`` to an address, a plain TCP connect with a short timeout checks that
+something listens there, so an unreachable Ray fails fast with :class:`RayUnavailableError`
+instead of hanging in Ray's own retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from spark_ray_udf.errors import RayUnavailableError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+_lock = threading.Lock()
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """``host:port`` of a GCS address, or None for addresses TCP cannot check (``auto``, ``ray://``).
+
+    >>> split_address("127.0.0.1:6379")
+    ('127.0.0.1', 6379)
+    >>> split_address("auto") is None
+    True
+    """
+    if "://" in address or ":" not in address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, *, timeout_s: float = CONNECT_TIMEOUT_S, who: str = "") -> None:
+    """Raise :class:`RayUnavailableError` unless a TCP connection to ``address`` opens in time."""
+    hp = split_address(address)
+    if hp is None:
+        return
+    try:
+        with socket.create_connection(hp, timeout=timeout_s):
+            pass
+    except OSError as exc:
+        prefix = f"{who}: " if who else ""
+        raise RayUnavailableError(
+            f"{prefix}Ray is unreachable at {address} ({exc}); start Ray there, fix "
+            "ray_address/RAY_ADDRESS, or unset them to let spark-ray-udf start a local Ray"
+        ) from exc
+
+
+def ensure_ray(address: str | None = None) -> str:
+    """Connect the driver to Ray (starting a local one if needed) and return the GCS address.
+
+    Example::
+
+        gcs = ensure_ray()          # local Ray on 127.0.0.1, dashboard off
+        gcs = ensure_ray("10.0.0.5:6379")
+    """
+    import ray
+
+    with _lock:
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().gcs_address)
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            check_reachable(address)
+            log.info("connecting to Ray at %s", address)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            log.info("starting a local Ray on 127.0.0.1 (dashboard off)")
+            ray.init(
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        return str(ray.get_runtime_context().gcs_address)
+
+
+def auth_mode() -> str:
+    """The driver's Ray auth mode (``RAY_AUTH_MODE``, set by ``ray.init``), for the workers."""
+    return os.environ.get("RAY_AUTH_MODE", "")
+
+
+def connect_worker(address: str, *, who: str, auth: str = "") -> None:
+    """Connect this Spark Python worker process to the Ray at ``address`` (once per process).
+
+    ``auth`` is the driver's ``RAY_AUTH_MODE``: a Spark worker forked before the driver started
+    Ray lacks it, and would then connect without the token (Ray 2.60 turns token auth on by
+    default; the token itself stays in the Ray token file, it never travels in the closure).
+    Ray reads the mode when it is first imported, so it is set before ``import ray``.
+    """
+    if auth and not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = auth
+    import ray
+
+    with _lock:
+        if ray.is_initialized():
+            current = str(ray.get_runtime_context().gcs_address)
+            if current != address:
+                raise RayUnavailableError(
+                    f"{who}: this process is already connected to the Ray at {current}, but the "
+                    f"function's pool lives at {address}; one process can serve one Ray cluster"
+                )
+            return
+        check_reachable(address, who=who)
+        ray.init(
+            address=address,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+        )

@@ -1,0 +1,341 @@
+"""The Ray side: model worker actors, the pool's directory, and the driver-side pool.
+
+* :class:`ModelWorker` (a Ray actor) materializes the model files from the object store into its
+  own temporary folder, calls ``init_func`` once, and serves ``predict`` calls on Arrow batches.
+  An error in ``init_func`` is kept and raised by ``ready()`` with the actor's traceback.
+* :class:`Directory` (a tiny named actor, no CPU) tells Spark's Python workers which actors serve
+  the function now: a :class:`Generation`. Workers find it by name in the pool's own namespace.
+* :class:`ModelPool` (driver side) starts a generation, waits until every actor is ready (with a
+  timeout), publishes it, and stops everything on :meth:`ModelPool.close`.
+
+Actors restart by default (``max_restarts=-1``): a restarted actor runs ``__init__`` again and so
+reloads the model from the object store, where the driver keeps the chunks pinned while the pool
+lives.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from spark_ray_udf._arrow import NullPolicy, empty_result, prepare_inputs, to_result_array
+from spark_ray_udf.errors import (
+    CallTimeoutError,
+    ModelApplyError,
+    ModelInitError,
+    SparkRayUdfError,
+)
+from spark_ray_udf.store import Manifest, StoredModel, materialize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ACTOR_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {"num_cpus": 0.25, "max_restarts": -1, "max_task_retries": 0}
+)
+STOP_TIMEOUT_S = 10.0
+
+
+def qualname(func: Callable[..., Any]) -> str:
+    """A readable name for a user function, for error messages.
+
+    >>> qualname(qualname)
+    'spark_ray_udf.pool.qualname'
+    """
+    mod = getattr(func, "__module__", None) or "?"
+    name = getattr(func, "__qualname__", None) or repr(func)
+    return f"{mod}.{name}"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a model worker needs, built once on the driver."""
+
+    function: str
+    table: str
+    version: int
+    manifest: Manifest
+    init_func: Callable[[str, Mapping[str, Any]], Any]
+    apply_func: Callable[..., Any]
+    conf: Mapping[str, Any]
+    return_type: pa.DataType
+    on_null: NullPolicy
+    work_root: str
+    fetch_timeout_s: float
+
+    @property
+    def where(self) -> str:
+        return f"{self.table}@v{self.version}"
+
+
+class WorkerInfo(NamedTuple):
+    """What a ready actor reports about itself."""
+
+    index: int
+    pid: int
+    node_ip: str
+    model_dir: str
+    load_seconds: float
+    version: int
+
+
+class Generation(NamedTuple):
+    """The actors serving a function at one time, for one model version."""
+
+    number: int
+    version: int
+    actors: tuple[Any, ...]
+
+
+class ModelWorker:
+    """A Ray actor holding one loaded copy of the model (see the module docstring)."""
+
+    def __init__(self, spec: WorkerSpec, index: int, chunks: dict[tuple[str, int], Any]) -> None:
+        self._spec = spec
+        self._index = index
+        self._model: Any = None
+        self._error: SparkRayUdfError | None = None
+        Path(spec.work_root).mkdir(parents=True, exist_ok=True)
+        self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=spec.work_root)
+        atexit.register(self._cleanup)
+        start = time.monotonic()
+        try:
+            materialize(
+                spec.manifest,
+                lambda p, i: ray.get(chunks[(p, i)], timeout=spec.fetch_timeout_s),
+                self._dir,
+                where=spec.where,
+            )
+        except SparkRayUdfError as exc:
+            self._error = exc
+            return
+        except Exception:  # object store fetch failed: report with the traceback
+            self._error = ModelInitError(
+                f"{spec.function}: actor {index} (pid {os.getpid()}) could not fetch the files of "
+                f"{spec.where} from the Ray object store:\n{traceback.format_exc()}"
+            )
+            return
+        try:
+            self._model = spec.init_func(self._dir, MappingProxyType(dict(spec.conf)))
+        except BaseException:
+            self._error = ModelInitError(
+                f"{spec.function}: init_func {qualname(spec.init_func)} raised on actor {index} "
+                f"(pid {os.getpid()}) while loading {spec.where}; fix init_func or the model "
+                f"files. The actor's traceback:\n{traceback.format_exc()}"
+            )
+        self._load_seconds = time.monotonic() - start
+
+    def ready(self) -> WorkerInfo:
+        """Raise the load error, if any; otherwise describe this actor."""
+        if self._error is not None:
+            raise self._error
+        return WorkerInfo(
+            index=self._index,
+            pid=os.getpid(),
+            node_ip=ray.util.get_node_ip_address(),
+            model_dir=self._dir,
+            load_seconds=self._load_seconds,
+            version=self._spec.version,
+        )
+
+    def predict(self, columns: list[pa.Array], row_offset: int) -> pa.Array:
+        """Run ``apply_func`` on one Arrow batch and return the Arrow result."""
+        if self._error is not None:
+            raise self._error
+        spec = self._spec
+        n_rows = len(columns[0]) if columns else 0
+        if n_rows == 0:
+            return empty_result(spec.return_type)
+        arrays, kept = prepare_inputs(
+            columns, function=spec.function, on_null=spec.on_null, row_offset=row_offset
+        )
+        if kept is not None and not kept.any():
+            return pa.nulls(n_rows, spec.return_type)
+        try:
+            result = spec.apply_func(self._model, *arrays)
+        except Exception:
+            raise ModelApplyError(
+                f"{spec.function}: apply_func {qualname(spec.apply_func)} raised on actor "
+                f"{self._index} (pid {os.getpid()}, {spec.where}) for rows "
+                f"{row_offset}..{row_offset + n_rows - 1} of the task. The actor's traceback:\n"
+                f"{traceback.format_exc()}"
+            ) from None
+        return to_result_array(
+            result,
+            spec.return_type,
+            n_rows,
+            function=spec.function,
+            kept=kept,
+            row_offset=row_offset,
+        )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        """Remove the model folder and exit once the calls queued before this one are done."""
+        self._cleanup()
+        ray.actor.exit_actor()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class Directory:
+    """A named actor that tells Spark's Python workers which generation serves the function."""
+
+    def __init__(self) -> None:
+        self._current: Generation | None = None
+
+    def publish(self, generation: Generation) -> None:
+        self._current = generation
+
+    def current(self) -> Generation | None:
+        return self._current
+
+
+def _unwrap(exc: RayTaskError) -> BaseException:
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+@dataclass
+class ModelPool:
+    """The driver's handle on one function's actors. Build it with :meth:`start`."""
+
+    function: str
+    namespace: str
+    gcs_address: str
+    work_root: str
+    directory: Any
+    generation: Generation
+    stored: StoredModel[Any] = field(repr=False)
+    infos: list[WorkerInfo]
+    closed: bool = False
+
+    @classmethod
+    def start(
+        cls,
+        spec: WorkerSpec,
+        stored: StoredModel[Any],
+        *,
+        namespace: str,
+        gcs_address: str,
+        num_actors: int,
+        actor_options: Mapping[str, Any],
+        init_timeout_s: float,
+    ) -> ModelPool:
+        """Start ``num_actors`` workers, wait until each has loaded the model, publish them."""
+        directory = ray.remote(Directory).options(
+            name=spec.function, namespace=namespace, num_cpus=0, max_restarts=-1
+        ).remote()
+        try:
+            actors, infos = start_actors(
+                spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s
+            )
+        except BaseException:
+            ray.kill(directory, no_restart=True)
+            shutil.rmtree(spec.work_root, ignore_errors=True)
+            raise
+        generation = Generation(number=1, version=stored.version, actors=tuple(actors))
+        ray.get(directory.publish.remote(generation), timeout=init_timeout_s)
+        pool = cls(
+            function=spec.function,
+            namespace=namespace,
+            gcs_address=gcs_address,
+            work_root=spec.work_root,
+            directory=directory,
+            generation=generation,
+            stored=stored,
+            infos=infos,
+        )
+        atexit.register(pool.close)
+        return pool
+
+    def actor_pids(self) -> list[int]:
+        """The PIDs of the live actors, asked of the actors themselves."""
+        refs = [a.pid.remote() for a in self.generation.actors]
+        return list(ray.get(refs, timeout=STOP_TIMEOUT_S))
+
+    def close(self) -> None:
+        """Stop the actors (after the calls already queued), the directory, and unpin the model."""
+        if self.closed:
+            return
+        self.closed = True
+        if not ray.is_initialized():
+            return
+        stop_actors(self.generation.actors)
+        try:
+            ray.kill(self.directory, no_restart=True)
+        except (RayActorError, ValueError):
+            pass  # already gone
+        self.stored = StoredModel(self.stored.table, self.stored.version, self.stored.manifest, {})
+        shutil.rmtree(self.work_root, ignore_errors=True)
+        log.info("closed the pool of %s", self.function)
+
+
+def start_actors(
+    spec: WorkerSpec,
+    stored: StoredModel[Any],
+    *,
+    num_actors: int,
+    options: Mapping[str, Any],
+    timeout_s: float,
+) -> tuple[list[Any], list[WorkerInfo]]:
+    """Create the actors of one generation and wait (at most ``timeout_s``) until all are ready.
+
+    On any failure every actor of the generation is stopped before the error is raised.
+    """
+    remote_cls = ray.remote(ModelWorker)
+    opts = {**DEFAULT_ACTOR_OPTIONS, **options}
+    actors = [remote_cls.options(**opts).remote(spec, i, stored.chunks) for i in range(num_actors)]
+    try:
+        infos = ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+    except GetTimeoutError as exc:
+        stop_actors(actors, graceful=False)
+        raise CallTimeoutError(
+            f"{spec.function}: the {num_actors} actors did not load {spec.where} within "
+            f"init_timeout_s={timeout_s}s; Ray may lack the resources asked ({opts}; available: "
+            f"{ray.available_resources()}), or init_func is slow: raise init_timeout_s"
+        ) from exc
+    except RayTaskError as exc:
+        stop_actors(actors, graceful=False)
+        raise _unwrap(exc) from None
+    except RayActorError as exc:
+        stop_actors(actors, graceful=False)
+        raise ModelInitError(
+            f"{spec.function}: an actor died while loading {spec.where}: {exc}"
+        ) from exc
+    log.info(
+        "%s: %d actors loaded %s in %.2fs (max)",
+        spec.function,
+        num_actors,
+        spec.where,
+        max(i.load_seconds for i in infos),
+    )
+    return actors, list(infos)
+
+
+def stop_actors(actors: tuple[Any, ...] | list[Any], *, graceful: bool = True) -> None:
+    """Stop actors: ``stop()`` after their queued calls (bounded wait), then ``ray.kill``."""
+    if graceful:
+        refs = [a.stop.remote() for a in actors]
+        ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT_S)
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except (RayActorError, ValueError):
+            pass  # already exited

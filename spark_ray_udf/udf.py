@@ -1,0 +1,301 @@
+"""``register_ray_model``: a model stored in Delta becomes a SQL function served by Ray actors.
+
+On the driver, :func:`register_ray_model` checks what it can (name, return type, options),
+reads the model version from Delta into the Ray object store, starts the actor pool (once per
+driver and function), and registers an Arrow-native iterator UDF (``arrow_udf``, Spark >= 4.1)
+under ``name``. The UDF's closure holds only a :class:`~spark_ray_udf.client.PoolAddress`; its
+Python workers connect to Ray once per process and stream Arrow batches to the actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from spark_ray_udf._arrow import NullPolicy, check_return_type
+from spark_ray_udf.client import PoolAddress, predict_batches
+from spark_ray_udf.errors import PoolClosedError
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, SparkSession
+    from pyspark.sql.types import DataType
+
+    from spark_ray_udf.pool import ModelPool, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_REGISTRY: dict[str, RayModel] = {}
+
+
+def _arrow_return_type(return_type: str | DataType) -> tuple[DataType, pa.DataType]:
+    from pyspark.sql.pandas.types import to_arrow_type
+    from pyspark.sql.types import DataType
+
+    if isinstance(return_type, str):
+        try:
+            spark_type = DataType.fromDDL(return_type)
+        except Exception as exc:  # ParseException
+            raise TypeError(
+                f"return_type {return_type!r} is not a Spark type (DDL such as 'double', "
+                "'array<double>' or 'label int, score double')"
+            ) from exc
+    elif isinstance(return_type, DataType):
+        spark_type = return_type
+    else:
+        raise TypeError(
+            f"return_type must be a DDL string or a pyspark DataType (got {return_type!r} that "
+            f"is a {type(return_type)!r})"
+        )
+    arrow_type = to_arrow_type(spark_type, timezone="UTC", prefers_large_types=False)
+    check_return_type(arrow_type)
+    return spark_type, arrow_type
+
+
+def _fingerprint(*parts: Any) -> str:
+    from ray import cloudpickle
+
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(cloudpickle.dumps(part))
+    return h.hexdigest()
+
+
+def _make_udf(address: PoolAddress, spark_type: DataType) -> Any:
+    from pyspark.sql.functions import ArrowUDFType, arrow_udf
+
+    def predict(batches: Iterator[Any]) -> Iterator[pa.Array]:
+        return predict_batches(address, batches)
+
+    predict.__name__ = address.function
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "prefer type hints": arity is not fixed
+        return arrow_udf(predict, spark_type, ArrowUDFType.SCALAR_ITER)
+
+
+class RayModel:
+    """A registered function: call it on columns, ``close()`` it, or use it in ``with``.
+
+    Built by :func:`register_ray_model`; not meant to be constructed directly.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        table: str,
+        version: int,
+        pool: ModelPool,
+        address: PoolAddress,
+        spark_type: DataType,
+        fingerprint: str,
+    ) -> None:
+        self.name = name
+        self.table = table
+        self.version = version
+        self._pool = pool
+        self.address = address
+        self.return_type = spark_type
+        self._fingerprint = fingerprint
+        self._udf = _make_udf(address, spark_type)
+
+    @property
+    def closed(self) -> bool:
+        return self._pool.closed
+
+    @property
+    def namespace(self) -> str:
+        return self.address.namespace
+
+    @property
+    def actors(self) -> list[WorkerInfo]:
+        """What each actor reported when it became ready (pid, node, model folder, load time)."""
+        return list(self._pool.infos)
+
+    def actor_pids(self) -> list[int]:
+        """PIDs of the live actors, asked of the actors."""
+        self._check_open()
+        return self._pool.actor_pids()
+
+    def _check_open(self) -> None:
+        if self._pool.closed:
+            raise PoolClosedError(f"{self.name}: the model was closed; register it again")
+
+    def __call__(self, *cols: Column | str) -> Column:
+        """The function as a DataFrame column expression: ``df.select(model("image"))``."""
+        self._check_open()
+        return self._udf(*cols)
+
+    def _register(self, spark: SparkSession) -> None:
+        spark.udf.register(self.name, self._udf)
+
+    def close(self) -> None:
+        """Stop the actors and release the model from the object store. Idempotent."""
+        self._pool.close()
+        if _REGISTRY.get(self.name) is self:
+            del _REGISTRY[self.name]
+
+    def __enter__(self) -> RayModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self._pool.generation.actors)} actors"
+        return f"RayModel({self.name!r}, table={self.table!r}, version={self.version}, {state})"
+
+
+def register_ray_model(
+    spark: SparkSession,
+    table: str,
+    name: str,
+    init_func: Callable[[str, Mapping[str, Any]], Any],
+    apply_func: Callable[..., Any],
+    *,
+    return_type: str | DataType = "double",
+    num_actors: int = 2,
+    actor_options: Mapping[str, Any] | None = None,
+    version: int | None = None,
+    conf: Mapping[str, Any] | None = None,
+    on_null: NullPolicy = "error",
+    max_in_flight: int = 2,
+    call_timeout_s: float = 300.0,
+    init_timeout_s: float = 600.0,
+    max_retries: int = 3,
+    ray_address: str | None = None,
+) -> RayModel:
+    """Register the model stored in the Delta table ``table`` as the SQL function ``name``.
+
+    * ``init_func(model_dir, conf) -> model`` runs once in each of the ``num_actors`` Ray actors,
+      on a local folder holding the model files exactly as saved by :func:`save_model`.
+    * ``apply_func(model, *columns) -> predictions`` gets one numpy array per SQL argument for a
+      whole Arrow batch (a fixed-length array column as a 2-D array) and returns one value per
+      row (a dict of arrays or a DataFrame for a struct ``return_type``).
+    * ``version`` pins a Delta version (time travel); None takes the latest.
+    * ``actor_options`` go to Ray (``num_cpus`` defaults to 0.25, ``num_gpus``, ``memory``,
+      ``max_restarts`` = -1, ...). ``on_null``: ``"error"`` refuses null inputs, ``"skip"``
+      returns null for rows with a null argument.
+    * ``max_in_flight`` batches per Spark task are in flight at once; every Ray wait times out
+      after ``call_timeout_s`` (``init_timeout_s`` for loading); a batch whose actor died is
+      retried on another actor up to ``max_retries`` times.
+    * ``ray_address`` (or ``RAY_ADDRESS``) selects a Ray cluster; without either, a local Ray
+      on 127.0.0.1 is started.
+
+    Registering the same name again with the same table version, functions and options reuses
+    the running pool; anything else replaces it.
+
+    Example (a runnable version is ``tests/test_docs_example.py``)::
+
+        from spark_ray_udf import register_ray_model, save_model
+        from spark_ray_udf.testing import apply_linear, init_linear
+
+        save_model(spark, model_dir, "ai_model.linear")
+        with register_ray_model(spark, "ai_model.linear", "model_predict",
+                                init_linear, apply_linear, return_type="bigint") as model:
+            spark.sql("select id, model_predict(features) from events").show()
+            df.select(model("features"))
+    """
+    from spark_ray_udf import _ray
+    from spark_ray_udf.pool import ModelPool, WorkerSpec
+    from spark_ray_udf.store import read_model, resolve_version
+
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"name must be a SQL identifier like 'model_predict' (got {name!r})")
+    if not callable(init_func) or not callable(apply_func):
+        raise TypeError(
+            f"init_func and apply_func must be callables (got {type(init_func)!r} and "
+            f"{type(apply_func)!r})"
+        )
+    if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
+        raise ValueError(f"num_actors must be a positive int (got {num_actors!r})")
+    if on_null not in ("error", "skip"):
+        raise ValueError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
+    for opt, value in (("max_in_flight", max_in_flight), ("max_retries", max_retries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if opt == "max_in_flight" else 0):
+            raise ValueError(f"{opt} must be a {'positive' if opt == 'max_in_flight' else 'non-negative'} int (got {value!r})")
+    for opt, t in (("call_timeout_s", call_timeout_s), ("init_timeout_s", init_timeout_s)):
+        if not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"{opt} must be a positive number of seconds (got {t!r})")
+    conf_dict = dict(conf or {})
+    bad_keys = [k for k in conf_dict if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(f"conf keys must be strings (got {bad_keys!r})")
+    options = dict(actor_options or {})
+    spark_type, arrow_type = _arrow_return_type(return_type)
+
+    resolved = resolve_version(spark, table, version)
+    fingerprint = _fingerprint(
+        table, resolved, init_func, apply_func, conf_dict, num_actors, options,
+        str(arrow_type), on_null, max_in_flight, call_timeout_s, max_retries, ray_address,
+    )
+    existing = _REGISTRY.get(name)
+    if existing is not None and not existing.closed:
+        if existing._fingerprint == fingerprint:
+            existing._register(spark)
+            log.info("%s: reusing the running pool for %s@v%d", name, table, resolved)
+            return existing
+        log.info("%s: replacing the pool of %s@v%d", name, existing.table, existing.version)
+
+    gcs_address = _ray.ensure_ray(ray_address)
+    import ray
+    import tempfile
+
+    token = uuid.uuid4().hex[:12]
+    namespace = f"spark-ray-udf.{name}.{token}"
+    stored = read_model(spark, table, version=resolved, sink=lambda p, i, data: ray.put(data))
+    spec = WorkerSpec(
+        function=name,
+        table=table,
+        version=stored.version,
+        manifest=stored.manifest,
+        init_func=init_func,
+        apply_func=apply_func,
+        conf=conf_dict,
+        return_type=arrow_type,
+        on_null=on_null,
+        work_root=str(Path(tempfile.gettempdir()) / "spark-ray-udf" / namespace),
+        fetch_timeout_s=init_timeout_s,
+    )
+    pool = ModelPool.start(
+        spec,
+        stored,
+        namespace=namespace,
+        gcs_address=gcs_address,
+        num_actors=num_actors,
+        actor_options=options,
+        init_timeout_s=init_timeout_s,
+    )
+    address = PoolAddress(
+        function=name,
+        ray_address=gcs_address,
+        namespace=namespace,
+        token=token,
+        auth_mode=_ray.auth_mode(),
+        max_in_flight=max_in_flight,
+        call_timeout_s=float(call_timeout_s),
+        max_retries=max_retries,
+    )
+    model = RayModel(
+        name=name,
+        table=table,
+        version=stored.version,
+        pool=pool,
+        address=address,
+        spark_type=spark_type,
+        fingerprint=fingerprint,
+    )
+    model._register(spark)
+    if existing is not None and not existing.closed:
+        existing.close()
+    _REGISTRY[name] = model
+    log.info("%s: serving %s@v%d with %d actors", name, table, stored.version, num_actors)
+    return model
