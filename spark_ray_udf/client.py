@@ -58,6 +58,7 @@ class _Pending:
     columns: list[pa.Array]
     row_offset: int
     actor: int = -1
+    generation: int = -1
     ref: Any = None
     attempts: int = 0
     done: pa.Array | None = None
@@ -131,6 +132,7 @@ class PoolClient:
             self.refresh()
         self._start = i + 1
         p.actor = i
+        p.generation = self._number
         p.ref = self._actors[i].predict.remote(p.columns, p.row_offset)
         self._in_flight[i] += 1
         return p
@@ -169,22 +171,37 @@ class PoolClient:
                     raise cause from None
                 raise ModelApplyError(f"{self.address.function}: {exc}") from None
             except RayActorError as exc:
-                self._in_flight[p.actor] -= 1
-                self._usable[p.actor] = False
-                p.attempts += 1
-                log.warning(
-                    "%s: actor %d died (%s); retrying rows from %d (attempt %d of %d)",
-                    self.address.function,
-                    p.actor,
-                    type(exc).__name__,
-                    p.row_offset,
-                    p.attempts,
-                    self.address.max_retries,
-                )
-                self._check_attempts(p, exc)
+                number = self._number
+                if p.generation == number:
+                    self._in_flight[p.actor] -= 1
+                    self._usable[p.actor] = False
+                self.refresh()
+                if self._number != p.generation:
+                    # The pool moved to a new generation (a reload): the old actor exited after
+                    # its queued calls. Not a failure: send the batch to the new actors.
+                    log.info(
+                        "%s: rows from %d go to generation %d (v%d)",
+                        self.address.function,
+                        p.row_offset,
+                        self._number,
+                        self._version,
+                    )
+                else:
+                    p.attempts += 1
+                    log.warning(
+                        "%s: actor %d died (%s); retrying rows from %d (attempt %d of %d)",
+                        self.address.function,
+                        p.actor,
+                        type(exc).__name__,
+                        p.row_offset,
+                        p.attempts,
+                        self.address.max_retries,
+                    )
+                    self._check_attempts(p, exc)
                 self._submit(p)
                 continue
-            self._in_flight[p.actor] -= 1
+            if p.generation == self._number:
+                self._in_flight[p.actor] -= 1
             return out
 
     def map_batches(self, batches: Iterable[pa.Array | tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
@@ -211,7 +228,7 @@ class PoolClient:
         finally:
             # On an error or an abandoned iterator, forget what is still in flight.
             for p in pending:
-                if p.ref is not None and p.done is None and 0 <= p.actor < len(self._in_flight):
+                if p.ref is not None and p.done is None and p.generation == self._number:
                     self._in_flight[p.actor] = max(0, self._in_flight[p.actor] - 1)
 
 

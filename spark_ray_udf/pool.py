@@ -37,6 +37,7 @@ from spark_ray_udf.errors import (
     CallTimeoutError,
     ModelApplyError,
     ModelInitError,
+    PoolClosedError,
     SparkRayUdfError,
 )
 from spark_ray_udf.store import Manifest, StoredModel, materialize
@@ -75,6 +76,7 @@ class WorkerSpec:
     on_null: NullPolicy
     work_root: str
     fetch_timeout_s: float
+    with_version: bool = False
 
     @property
     def where(self) -> str:
@@ -158,12 +160,15 @@ class ModelWorker:
         spec = self._spec
         n_rows = len(columns[0]) if columns else 0
         if n_rows == 0:
-            return empty_result(spec.return_type)
+            return self._with_version(empty_result(spec.return_type)) if spec.with_version else (
+                empty_result(spec.return_type)
+            )
         arrays, kept = prepare_inputs(
             columns, function=spec.function, on_null=spec.on_null, row_offset=row_offset
         )
         if kept is not None and not kept.any():
-            return pa.nulls(n_rows, spec.return_type)
+            nulls = pa.nulls(n_rows, spec.return_type)
+            return self._with_version(nulls) if spec.with_version else nulls
         try:
             result = spec.apply_func(self._model, *arrays)
         except Exception:
@@ -173,7 +178,7 @@ class ModelWorker:
                 f"{row_offset}..{row_offset + n_rows - 1} of the task. The actor's traceback:\n"
                 f"{traceback.format_exc()}"
             ) from None
-        return to_result_array(
+        out = to_result_array(
             result,
             spec.return_type,
             n_rows,
@@ -181,6 +186,11 @@ class ModelWorker:
             kept=kept,
             row_offset=row_offset,
         )
+        return self._with_version(out) if spec.with_version else out
+
+    def _with_version(self, out: pa.Array) -> pa.Array:
+        versions = pa.array([self._spec.version] * len(out), type=pa.int64())
+        return pa.StructArray.from_arrays([out, versions], names=["prediction", "model_version"])
 
     def pid(self) -> int:
         return os.getpid()
@@ -264,6 +274,46 @@ class ModelPool:
         )
         atexit.register(pool.close)
         return pool
+
+    def swap(
+        self,
+        spec: WorkerSpec,
+        stored: StoredModel[Any],
+        *,
+        num_actors: int,
+        actor_options: Mapping[str, Any],
+        init_timeout_s: float,
+    ) -> Generation:
+        """Replace the serving actors with a new generation, without downtime.
+
+        The new actors load ``stored`` and pass ``ready()`` first; only then are they published,
+        so Spark tasks send new batches to them. The old actors finish the calls already queued
+        and exit. If loading fails, the new actors are stopped, the old ones keep serving, and
+        the error is raised.
+        """
+        if self.closed:
+            raise PoolClosedError(f"{self.function}: the pool is closed; register it again")
+        actors, infos = start_actors(
+            spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s
+        )
+        old = self.generation
+        generation = Generation(number=old.number + 1, version=stored.version, actors=tuple(actors))
+        try:
+            ray.get(self.directory.publish.remote(generation), timeout=init_timeout_s)
+        except BaseException:
+            stop_actors(actors, graceful=False)
+            raise
+        self.generation, self.stored, self.infos = generation, stored, infos
+        stop_actors(old.actors)
+        log.info(
+            "%s: generation %d (v%d) replaced generation %d (v%d)",
+            self.function,
+            generation.number,
+            generation.version,
+            old.number,
+            old.version,
+        )
+        return generation
 
     def actor_pids(self) -> list[int]:
         """The PIDs of the live actors, asked of the actors themselves."""

@@ -5,6 +5,11 @@ reads the model version from Delta into the Ray object store, starts the actor p
 driver and function), and registers an Arrow-native iterator UDF (``arrow_udf``, Spark >= 4.1)
 under ``name``. The UDF's closure holds only a :class:`~spark_ray_udf.client.PoolAddress`; its
 Python workers connect to Ray once per process and stream Arrow batches to the actors.
+
+Versions: ``version=N`` pins a Delta version, ``version=None`` takes the latest at registration.
+:meth:`RayModel.reload` swaps the pool to another version without stopping running queries
+(new actors load and pass a readiness check first; batches in flight finish on the old ones);
+``refresh_seconds=`` polls the table and reloads when a newer version is committed.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import tempfile
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,36 +36,48 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, SparkSession
     from pyspark.sql.types import DataType
 
-    from spark_ray_udf.pool import ModelPool, WorkerInfo
+    from spark_ray_udf.pool import ModelPool, WorkerInfo, WorkerSpec
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _REGISTRY: dict[str, RayModel] = {}
+_REGISTRY_LOCK = threading.Lock()
 
 
-def _arrow_return_type(return_type: str | DataType) -> tuple[DataType, pa.DataType]:
-    from pyspark.sql.pandas.types import to_arrow_type
+def _spark_type(return_type: str | DataType) -> DataType:
     from pyspark.sql.types import DataType
 
+    if isinstance(return_type, DataType):
+        return return_type
     if isinstance(return_type, str):
         try:
-            spark_type = DataType.fromDDL(return_type)
+            return DataType.fromDDL(return_type)
         except Exception as exc:  # ParseException
             raise TypeError(
                 f"return_type {return_type!r} is not a Spark type (DDL such as 'double', "
                 "'array<double>' or 'label int, score double')"
             ) from exc
-    elif isinstance(return_type, DataType):
-        spark_type = return_type
-    else:
-        raise TypeError(
-            f"return_type must be a DDL string or a pyspark DataType (got {return_type!r} that "
-            f"is a {type(return_type)!r})"
-        )
-    arrow_type = to_arrow_type(spark_type, timezone="UTC", prefers_large_types=False)
+    raise TypeError(
+        f"return_type must be a DDL string or a pyspark DataType (got {return_type!r} that "
+        f"is a {type(return_type)!r})"
+    )
+
+
+def _types(return_type: str | DataType, with_version: bool) -> tuple[DataType, pa.DataType]:
+    """The Spark type the SQL function returns and the Arrow type of one prediction."""
+    from pyspark.sql.pandas.types import to_arrow_type
+    from pyspark.sql.types import LongType, StructField, StructType
+
+    prediction = _spark_type(return_type)
+    arrow_type = to_arrow_type(prediction, timezone="UTC", prefers_large_types=False)
     check_return_type(arrow_type)
-    return spark_type, arrow_type
+    if not with_version:
+        return prediction, arrow_type
+    wrapped = StructType(
+        [StructField("prediction", prediction), StructField("model_version", LongType(), False)]
+    )
+    return wrapped, arrow_type
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -81,31 +101,62 @@ def _make_udf(address: PoolAddress, spark_type: DataType) -> Any:
         return arrow_udf(predict, spark_type, ArrowUDFType.SCALAR_ITER)
 
 
-class RayModel:
-    """A registered function: call it on columns, ``close()`` it, or use it in ``with``.
+@dataclass(frozen=True)
+class _Settings:
+    """What a registration asked for, apart from the model version."""
 
-    Built by :func:`register_ray_model`; not meant to be constructed directly.
-    """
+    table: str
+    num_actors: int
+    actor_options: Mapping[str, Any]
+    init_timeout_s: float
+    spec: WorkerSpec  # its version and manifest are those of the first load
+    extra: tuple[Any, ...]  # client-side options: in flight, timeouts, retries, address, refresh
+
+    def key(self, version: int) -> str:
+        """Equal for two registrations that would serve the same thing the same way."""
+        s = self.spec
+        return _fingerprint(
+            self.table, version, s.init_func, s.apply_func, dict(s.conf), self.num_actors,
+            dict(self.actor_options), str(s.return_type), s.on_null, s.with_version, self.extra,
+        )
+
+
+class RayModel:
+    """A registered function: call it on columns, ``reload()`` it, ``close()`` it, or use it in
+    ``with``. Built by :func:`register_ray_model`; not meant to be constructed directly."""
 
     def __init__(
         self,
         *,
+        spark: SparkSession,
         name: str,
-        table: str,
-        version: int,
         pool: ModelPool,
         address: PoolAddress,
         spark_type: DataType,
+        settings: _Settings,
         fingerprint: str,
     ) -> None:
         self.name = name
-        self.table = table
-        self.version = version
-        self._pool = pool
         self.address = address
         self.return_type = spark_type
+        self._spark = spark
+        self._pool = pool
+        self._settings = settings
         self._fingerprint = fingerprint
         self._udf = _make_udf(address, spark_type)
+        self._reload_lock = threading.Lock()
+        self._poller: threading.Thread | None = None
+        self._stop_polling = threading.Event()
+        self.last_reload_error: BaseException | None = None
+
+    @property
+    def table(self) -> str:
+        return self._settings.table
+
+    @property
+    def version(self) -> int:
+        """The Delta version the actors serve now."""
+        return self._pool.generation.version
 
     @property
     def closed(self) -> bool:
@@ -137,11 +188,65 @@ class RayModel:
     def _register(self, spark: SparkSession) -> None:
         spark.udf.register(self.name, self._udf)
 
+    def reload(self, version: int | None = None) -> int:
+        """Serve another Delta version (the latest when None) without stopping running queries.
+
+        The new actors load the version and pass a readiness check before any batch goes to
+        them; batches in flight finish on the old actors, which then exit. If the new version
+        fails to load, the old one keeps serving and the error is raised. Returns the version
+        now served (unchanged when it is already the one asked for).
+        """
+        from spark_ray_udf.store import read_model, resolve_version
+
+        import ray
+
+        self._check_open()
+        with self._reload_lock:
+            target = resolve_version(self._spark, self.table, version)
+            if target == self.version:
+                return target
+            stored = read_model(
+                self._spark, self.table, version=target, sink=lambda p, i, data: ray.put(data)
+            )
+            s = self._settings
+            spec = replace(s.spec, version=stored.version, manifest=stored.manifest)
+            self._pool.swap(
+                spec,
+                stored,
+                num_actors=s.num_actors,
+                actor_options=s.actor_options,
+                init_timeout_s=s.init_timeout_s,
+            )
+            self._fingerprint = s.key(stored.version)
+            log.info("%s: now serving %s@v%d", self.name, self.table, stored.version)
+            return stored.version
+
+    def _start_polling(self, seconds: float) -> None:
+        def poll() -> None:
+            from spark_ray_udf.store import latest_version
+
+            while not self._stop_polling.wait(seconds):
+                try:
+                    if latest_version(self._spark, self.table) > self.version:
+                        self.reload()
+                    self.last_reload_error = None
+                except PoolClosedError:
+                    return
+                except Exception as exc:  # keep serving the old version; report, don't hide
+                    self.last_reload_error = exc
+                    log.exception("%s: reloading %s failed; still serving v%d", self.name, self.table, self.version)
+
+        self._poller = threading.Thread(target=poll, name=f"spark-ray-udf-refresh-{self.name}", daemon=True)
+        self._poller.start()
+
     def close(self) -> None:
-        """Stop the actors and release the model from the object store. Idempotent."""
-        self._pool.close()
-        if _REGISTRY.get(self.name) is self:
-            del _REGISTRY[self.name]
+        """Stop polling, stop the actors and release the model from the object store. Idempotent."""
+        self._stop_polling.set()
+        with self._reload_lock:
+            self._pool.close()
+        with _REGISTRY_LOCK:
+            if _REGISTRY.get(self.name) is self:
+                del _REGISTRY[self.name]
 
     def __enter__(self) -> RayModel:
         return self
@@ -167,6 +272,8 @@ def register_ray_model(
     version: int | None = None,
     conf: Mapping[str, Any] | None = None,
     on_null: NullPolicy = "error",
+    with_version: bool = False,
+    refresh_seconds: float | None = None,
     max_in_flight: int = 2,
     call_timeout_s: float = 300.0,
     init_timeout_s: float = 600.0,
@@ -180,7 +287,9 @@ def register_ray_model(
     * ``apply_func(model, *columns) -> predictions`` gets one numpy array per SQL argument for a
       whole Arrow batch (a fixed-length array column as a 2-D array) and returns one value per
       row (a dict of arrays or a DataFrame for a struct ``return_type``).
-    * ``version`` pins a Delta version (time travel); None takes the latest.
+    * ``version`` pins a Delta version (time travel); None takes the latest. ``refresh_seconds``
+      polls the table and reloads when a newer version is committed. ``with_version=True``
+      returns ``struct<prediction, model_version>`` so each row says which version answered.
     * ``actor_options`` go to Ray (``num_cpus`` defaults to 0.25, ``num_gpus``, ``memory``,
       ``max_restarts`` = -1, ...). ``on_null``: ``"error"`` refuses null inputs, ``"skip"``
       returns null for rows with a null argument.
@@ -193,7 +302,7 @@ def register_ray_model(
     Registering the same name again with the same table version, functions and options reuses
     the running pool; anything else replaces it.
 
-    Example (a runnable version is ``tests/test_docs_example.py``)::
+    Example (``tests/test_docs_example.py`` runs these lines)::
 
         from spark_ray_udf import register_ray_model, save_model
         from spark_ray_udf.testing import apply_linear, init_linear
@@ -206,7 +315,7 @@ def register_ray_model(
     """
     from spark_ray_udf import _ray
     from spark_ray_udf.pool import ModelPool, WorkerSpec
-    from spark_ray_udf.store import read_model, resolve_version
+    from spark_ray_udf.store import Manifest, read_model, resolve_version
 
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"name must be a SQL identifier like 'model_predict' (got {name!r})")
@@ -219,25 +328,52 @@ def register_ray_model(
         raise ValueError(f"num_actors must be a positive int (got {num_actors!r})")
     if on_null not in ("error", "skip"):
         raise ValueError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
-    for opt, value in (("max_in_flight", max_in_flight), ("max_retries", max_retries)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if opt == "max_in_flight" else 0):
-            raise ValueError(f"{opt} must be a {'positive' if opt == 'max_in_flight' else 'non-negative'} int (got {value!r})")
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be a positive int (got {max_in_flight!r})")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be a non-negative int (got {max_retries!r})")
     for opt, t in (("call_timeout_s", call_timeout_s), ("init_timeout_s", init_timeout_s)):
-        if not isinstance(t, (int, float)) or not t > 0:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise ValueError(f"{opt} must be a positive number of seconds (got {t!r})")
+    if refresh_seconds is not None and not (
+        isinstance(refresh_seconds, (int, float)) and refresh_seconds > 0
+    ):
+        raise ValueError(f"refresh_seconds must be None or positive (got {refresh_seconds!r})")
     conf_dict = dict(conf or {})
     bad_keys = [k for k in conf_dict if not isinstance(k, str)]
     if bad_keys:
         raise TypeError(f"conf keys must be strings (got {bad_keys!r})")
     options = dict(actor_options or {})
-    spark_type, arrow_type = _arrow_return_type(return_type)
+    spark_type, arrow_type = _types(return_type, with_version)
 
     resolved = resolve_version(spark, table, version)
-    fingerprint = _fingerprint(
-        table, resolved, init_func, apply_func, conf_dict, num_actors, options,
-        str(arrow_type), on_null, max_in_flight, call_timeout_s, max_retries, ray_address,
+    token = uuid.uuid4().hex[:12]
+    namespace = f"spark-ray-udf.{name}.{token}"
+    spec = WorkerSpec(
+        function=name,
+        table=table,
+        version=resolved,
+        manifest=Manifest(files=(), dirs=(), chunk_size=0),  # filled in once read
+        init_func=init_func,
+        apply_func=apply_func,
+        conf=conf_dict,
+        return_type=arrow_type,
+        on_null=on_null,
+        work_root=str(Path(tempfile.gettempdir()) / "spark-ray-udf" / namespace),
+        fetch_timeout_s=init_timeout_s,
+        with_version=with_version,
     )
-    existing = _REGISTRY.get(name)
+    settings = _Settings(
+        table=table,
+        num_actors=num_actors,
+        actor_options=options,
+        init_timeout_s=float(init_timeout_s),
+        spec=spec,
+        extra=(max_in_flight, float(call_timeout_s), max_retries, ray_address, refresh_seconds),
+    )
+    fingerprint = settings.key(resolved)
+    with _REGISTRY_LOCK:
+        existing = _REGISTRY.get(name)
     if existing is not None and not existing.closed:
         if existing._fingerprint == fingerprint:
             existing._register(spark)
@@ -247,24 +383,10 @@ def register_ray_model(
 
     gcs_address = _ray.ensure_ray(ray_address)
     import ray
-    import tempfile
 
-    token = uuid.uuid4().hex[:12]
-    namespace = f"spark-ray-udf.{name}.{token}"
     stored = read_model(spark, table, version=resolved, sink=lambda p, i, data: ray.put(data))
-    spec = WorkerSpec(
-        function=name,
-        table=table,
-        version=stored.version,
-        manifest=stored.manifest,
-        init_func=init_func,
-        apply_func=apply_func,
-        conf=conf_dict,
-        return_type=arrow_type,
-        on_null=on_null,
-        work_root=str(Path(tempfile.gettempdir()) / "spark-ray-udf" / namespace),
-        fetch_timeout_s=init_timeout_s,
-    )
+    spec = replace(spec, manifest=stored.manifest)
+    settings = replace(settings, spec=spec)
     pool = ModelPool.start(
         spec,
         stored,
@@ -285,17 +407,20 @@ def register_ray_model(
         max_retries=max_retries,
     )
     model = RayModel(
+        spark=spark,
         name=name,
-        table=table,
-        version=stored.version,
         pool=pool,
         address=address,
         spark_type=spark_type,
+        settings=settings,
         fingerprint=fingerprint,
     )
     model._register(spark)
     if existing is not None and not existing.closed:
         existing.close()
-    _REGISTRY[name] = model
+    with _REGISTRY_LOCK:
+        _REGISTRY[name] = model
+    if refresh_seconds is not None:
+        model._start_polling(float(refresh_seconds))
     log.info("%s: serving %s@v%d with %d actors", name, table, stored.version, num_actors)
     return model
