@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 
 from spark_ray_udf.errors import RayUnavailableError
@@ -58,6 +59,55 @@ def check_reachable(address: str, *, timeout_s: float = CONNECT_TIMEOUT_S, who: 
         ) from exc
 
 
+def _check_same_cluster(address: str | None, current: str) -> None:
+    """Refuse an explicit ``address`` on another port than the Ray this process already uses.
+
+    Only the port is compared (``localhost:6379`` and ``10.0.0.5:6379`` may well be the same
+    cluster); ``auto`` and ``ray://`` addresses are not compared. An unreachable address is
+    reported as such first.
+
+    >>> _check_same_cluster("10.0.0.5:6379", "127.0.0.1:6379")
+    >>> _check_same_cluster(None, "127.0.0.1:6379")
+    """
+    wanted, have = split_address(address or ""), split_address(current)
+    if wanted is None or have is None or wanted[1] == have[1]:
+        return
+    check_reachable(address or "")
+    raise RayUnavailableError(
+        f"this process is already connected to the Ray at {current}, but ray_address={address!r} "
+        "names another cluster; one driver serves one Ray: pass ray_address=None (or the "
+        "current address), or call ray.shutdown() first"
+    )
+
+
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_only() -> None:
+    """Make a local Ray bind and advertise 127.0.0.1 only.
+
+    On Linux, Ray replaces ``_node_ip_address="127.0.0.1"`` by the machine's address and its
+    GCS and raylet listen on every interface; with Ray's single-machine mode (the switch it uses
+    on macOS/Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) every Ray port binds 127.0.0.1.
+    Ray reads the switch when imported: the variable is set for the processes Ray starts, and
+    the constant patched when this process imported Ray already.
+    """
+    os.environ[_LOOPBACK_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def is_loopback(address: str) -> bool:
+    """True for a GCS address on the loopback interface.
+
+    >>> is_loopback("127.0.0.1:6379"), is_loopback("10.0.0.5:6379")
+    (True, False)
+    """
+    hp = split_address(address)
+    return hp is not None and (hp[0] in ("localhost", "::1") or hp[0].startswith("127."))
+
+
 def ensure_ray(address: str | None = None) -> str:
     """Connect the driver to Ray (starting a local one if needed) and return the GCS address.
 
@@ -70,7 +120,9 @@ def ensure_ray(address: str | None = None) -> str:
 
     with _lock:
         if ray.is_initialized():
-            return str(ray.get_runtime_context().gcs_address)
+            current = str(ray.get_runtime_context().gcs_address)
+            _check_same_cluster(address, current)
+            return current
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
             check_reachable(address)
@@ -78,6 +130,7 @@ def ensure_ray(address: str | None = None) -> str:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
             log.info("starting a local Ray on 127.0.0.1 (dashboard off)")
+            _loopback_only()
             ray.init(
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",
@@ -102,6 +155,8 @@ def connect_worker(address: str, *, who: str, auth: str = "") -> None:
     """
     if auth and not os.environ.get("RAY_AUTH_MODE"):
         os.environ["RAY_AUTH_MODE"] = auth
+    if is_loopback(address):
+        _loopback_only()  # else Ray looks for this node's raylet on the machine's address
     import ray
 
     with _lock:
