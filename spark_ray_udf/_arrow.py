@@ -66,16 +66,28 @@ def arrow_to_numpy(arr: pa.Array, *, argument: str, row_offset: int = 0) -> np.n
     >>> m.shape, m.dtype.name
     ((2, 2), 'float32')
     """
+    return _to_numpy(arr, argument=argument, row_offset=row_offset, stride=1)
+
+
+def _to_numpy(arr: pa.Array, *, argument: str, row_offset: int, stride: int) -> np.ndarray:
+    # ``stride`` is how many items of ``arr`` make one row of the batch: 1 for the argument
+    # column itself, the outer lengths multiplied for the values of nested arrays, so that
+    # errors name the batch row and not an index into the flattened values.
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     t = arr.type
     if pa.types.is_dictionary(t):
-        return arrow_to_numpy(arr.dictionary_decode(), argument=argument, row_offset=row_offset)
+        return _to_numpy(
+            arr.dictionary_decode(), argument=argument, row_offset=row_offset, stride=stride
+        )
+    if pa.types.is_null(t) and len(arr) == 0:
+        # A NULL literal argument whose rows were all left out under on_null="skip".
+        return np.empty(0)
     if arr.null_count:
         first = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
         raise InputError(
-            f"{argument}: row {row_offset + first} is null; filter or coalesce nulls in SQL, "
-            "or register the function with on_null='skip' to return null for such rows"
+            f"{argument}: row {row_offset + first // stride} is null; filter or coalesce nulls "
+            "in SQL, or register the function with on_null='skip' to return null for such rows"
         )
     if pa.types.is_integer(t) or pa.types.is_floating(t):
         return arr.to_numpy(zero_copy_only=False)
@@ -86,7 +98,7 @@ def arrow_to_numpy(arr: pa.Array, *, argument: str, row_offset: int = 0) -> np.n
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return arr.to_numpy(zero_copy_only=False)
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return _list_to_numpy(arr, argument=argument, row_offset=row_offset)
+        return _list_to_numpy(arr, argument=argument, row_offset=row_offset, stride=stride)
     if pa.types.is_struct(t):
         raise InputError(
             f"{argument} is a struct, but a number, string or array was expected; pass its "
@@ -95,9 +107,10 @@ def arrow_to_numpy(arr: pa.Array, *, argument: str, row_offset: int = 0) -> np.n
     raise InputError(f"{argument} has the unsupported type {t}; {_NUMERIC_HINT}")
 
 
-def _list_to_numpy(arr: pa.Array, *, argument: str, row_offset: int) -> np.ndarray:
+def _list_to_numpy(arr: pa.Array, *, argument: str, row_offset: int, stride: int) -> np.ndarray:
     n = len(arr)
     t = arr.type
+    what = "an array" if stride == 1 else "an inner array"
     if pa.types.is_fixed_size_list(t):
         width = t.list_size
     else:
@@ -109,14 +122,15 @@ def _list_to_numpy(arr: pa.Array, *, argument: str, row_offset: int) -> np.ndarr
             if ragged.size:
                 bad = int(ragged[0])
                 raise InputError(
-                    f"{argument}: row {row_offset + bad} has {int(lengths[bad])} elements but row "
-                    f"{row_offset} has {width}; an array argument must have one fixed length in a "
-                    "batch: pad or truncate the arrays, or filter the odd rows in SQL"
+                    f"{argument}: row {row_offset + bad // stride} has {what} of "
+                    f"{int(lengths[bad])} elements but row {row_offset} has {width}; an array "
+                    "argument must have one fixed shape in a batch: pad or truncate the arrays, "
+                    "or filter the odd rows in SQL"
                 )
     values = arr.flatten()
     if values.null_count:
         first = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
-        row = row_offset + (first // width if width else 0)
+        row = row_offset + (first // width) // stride
         raise InputError(
             f"{argument}: row {row} holds a null element inside its array; replace null "
             "elements in SQL, e.g. transform(col, x -> coalesce(x, 0.0))"
@@ -134,7 +148,7 @@ def _list_to_numpy(arr: pa.Array, *, argument: str, row_offset: int) -> np.ndarr
             f"{argument} is an array of {vt}; only arrays of numbers (or of such arrays) are "
             f"supported: {_NUMERIC_HINT}"
         )
-    inner = arrow_to_numpy(values, argument=argument, row_offset=row_offset)
+    inner = _to_numpy(values, argument=argument, row_offset=row_offset, stride=max(1, stride * width))
     return inner.reshape((n, width) + inner.shape[1:])
 
 
@@ -306,20 +320,30 @@ def _cast(arr: pa.Array, t: pa.DataType, *, where: str) -> pa.Array:
         ) from exc
 
 
+def _cast_list(arr: pa.Array, t: pa.DataType, *, where: str) -> pa.Array:
+    if arr.type == t:
+        return arr
+    try:
+        return arr.cast(t, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise ModelApplyError(f"{where}: cannot build {t} from the result: {exc}") from exc
+
+
 def _convert_list(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
     value_type = t.value_type
     if isinstance(result, pa.Array):
         if not _is_list(result.type):
             raise ModelApplyError(f"{where}: got {result.type} for return type {t}")
-        return result.cast(t)
+        return _cast_list(result, t, where=where)
     if isinstance(result, np.ndarray) and result.ndim >= 2 and result.dtype != object:
         width = result.shape[1]
-        flat = result.reshape((n * width,) + result.shape[2:]) if n else result.reshape(
-            (0,) + result.shape[2:]
-        )
+        flat = result.reshape((n * width,) + result.shape[2:])
         values = _convert(flat, value_type, n * width, where=where)
-        offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32)[: n + 1])
-        return pa.ListArray.from_arrays(offsets, values, type=pa.list_(pa.field("element", value_type)))
+        offsets = pa.array(np.arange(n + 1, dtype=np.int64) * width, type=pa.int32())
+        # Built with the return type's own element field (Spark names it "element" and may
+        # mark it non-nullable), so the array's type is exactly the declared one.
+        built = pa.ListArray.from_arrays(offsets, values, type=pa.list_(t.value_field))
+        return _cast_list(built, t, where=where)
     if isinstance(result, np.ndarray) and result.ndim == 1 and result.dtype != object:
         raise ModelApplyError(
             f"{where}: got a 1-D array for return type {t}; return a 2-D array (rows x length) "
@@ -331,10 +355,7 @@ def _convert_list(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Arra
         raise ModelApplyError(f"{where}: cannot build {t} from the result: {exc}") from exc
     if not _is_list(arr.type) and not pa.types.is_null(arr.type):
         raise ModelApplyError(f"{where}: got {arr.type} for return type {t}")
-    try:
-        return arr.cast(t, safe=True)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ModelApplyError(f"{where}: cannot build {t} from the result: {exc}") from exc
+    return _cast_list(arr, t, where=where)
 
 
 def _convert_struct(result: Any, t: pa.StructType, n: int, *, where: str) -> pa.Array:

@@ -171,11 +171,21 @@ def check_relative_path(path: str, *, where: str) -> str:
 
 
 def _walk(model_dir: Path) -> tuple[list[str], list[str]]:
+    # Symbolic links are followed: a linked folder is stored with its files, as a linked file is
+    # stored with its bytes. A link back to an enclosing folder (a loop) is refused.
     files: list[str] = []
     dirs: list[str] = []
-    for root, dirnames, filenames in os.walk(model_dir):
+    for root, dirnames, filenames in os.walk(model_dir, followlinks=True):
         dirnames.sort()
         rel_root = Path(root).relative_to(model_dir)
+        if rel_root.parts:
+            real = os.path.realpath(root)
+            for k in range(len(rel_root.parts)):
+                if os.path.realpath(model_dir.joinpath(*rel_root.parts[:k])) == real:
+                    raise ModelTableError(
+                        f"{model_dir}: the folder '{rel_root.as_posix()}' links back to an "
+                        "enclosing folder (a symbolic link loop); remove the link, then save again"
+                    )
         for d in dirnames:
             dirs.append((rel_root / d).as_posix())
         for f in sorted(filenames):
@@ -275,9 +285,10 @@ def save_model(
 
     ``table`` is a metastore name (``db.table``; the database is created if missing) or a path.
     ``mode="overwrite"`` commits a new version and keeps the earlier ones readable by number;
-    ``mode="error"`` refuses to write into an existing table. The files go through a staging
-    Parquet file in ``staging_dir`` (a temporary folder by default; on a cluster, pass a folder
-    the executors can read), one chunk at a time.
+    ``mode="error"`` refuses to write into an existing table (:class:`ModelTableError`). Symbolic
+    links inside ``model_dir`` are followed (a link loop is refused). The files go through a
+    staging Parquet file in ``staging_dir`` (a temporary folder by default; on a cluster, pass a
+    folder the executors can read), one chunk at a time.
 
     Example (``spark`` is a Delta-enabled session, see :mod:`spark_ray_udf.testing`)::
 
@@ -291,6 +302,12 @@ def save_model(
     if mode not in ("overwrite", "error"):
         raise ValueError(f"mode must be 'overwrite' or 'error' (got {mode!r})")
     ref = TableRef(table)
+    if mode == "error" and _table_exists(spark, ref):
+        raise ModelTableError(
+            f"{table}: the table already exists and mode='error'; pass mode='overwrite' to "
+            "commit the model as a new version (earlier versions stay readable), or pick "
+            "another table"
+        )
     staging_root = Path(tempfile.mkdtemp(prefix="spark-ray-udf-save-", dir=staging_dir))
     try:
         staging_file = staging_root / "model.parquet"
@@ -316,6 +333,14 @@ def save_model(
         version,
     )
     return version
+
+
+def _table_exists(spark: SparkSession, ref: TableRef) -> bool:
+    if ref.is_path:
+        from delta.tables import DeltaTable
+
+        return bool(DeltaTable.isDeltaTable(spark, ref.name))
+    return bool(spark.catalog.tableExists(ref.name))
 
 
 def _delta_table(spark: SparkSession, table: str) -> Any:
@@ -418,6 +443,11 @@ def read_model(
                 "was modified or corrupted: re-save the model with save_model()"
             )
         key = (path, int(r.chunk_index))
+        if not 0 <= key[1] < int(r.num_chunks):
+            raise ModelTableError(
+                f"{where}: chunk {r.chunk_index} of {path!r} is out of range (the file has "
+                f"{r.num_chunks} chunks); re-save the model with save_model()"
+            )
         if key in chunks:
             raise ModelTableError(f"{where}: chunk {r.chunk_index} of {path!r} appears twice")
         seen[path] = (int(r.num_chunks), int(r.file_size), str(r.file_sha256))
