@@ -1,3 +1,19 @@
-"""Session-wide fixtures: a Delta-enabled local Spark and a local Ray (see spark_ray_udf.testing)."""
+"""Session-wide fixtures: a Delta-enabled local Spark and a local Ray (see spark_ray_udf.testing).
 
-from spark_ray_udf.testing import ray_address, spark  # noqa: F401  (pytest fixtures)
+Test modules pass functions defined in ``tests/helpers.py`` as ``init_func``/``apply_func``.
+Ray pickles such functions by reference (``tests.helpers.apply_...``), so the Ray worker
+processes must be able to import the ``tests`` package: the repository root goes on
+``PYTHONPATH`` here, before Spark or Ray start, and their worker processes inherit it (Ray
+also adds the driver's working directory, but only when pytest runs from the repository root).
+"""
+
+import os
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parent)
+if _ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p
+    )
+
+from spark_ray_udf.testing import ray_address, spark  # noqa: E402, F401  (pytest fixtures)

@@ -63,8 +63,8 @@ def init_keras(model_dir: str, conf: Mapping[str, Any]) -> Any:
     ``tf.saved_model.load`` (call it through :func:`apply_keras`, which picks its serving
     signature).
     """
+    path = find_keras_model(model_dir, conf)  # before the slow TensorFlow import: fail fast
     tf = _require_tensorflow()
-    path = find_keras_model(model_dir, conf)
     if path.is_dir():
         return tf.saved_model.load(str(path))
     return tf.keras.models.load_model(str(path), compile=False)

@@ -366,8 +366,17 @@ def start_actors(
         raise _unwrap(exc) from None
     except RayActorError as exc:
         stop_actors(actors, graceful=False)
+        hint = ""
+        if "No module named" in str(exc):
+            # Ray pickles module-level functions by reference: the actor imports their module.
+            hint = (
+                f"; init_func {qualname(spec.init_func)} and apply_func "
+                f"{qualname(spec.apply_func)} must be importable in the Ray worker processes: "
+                "define them in an installed package (or put their folder on PYTHONPATH before "
+                "Ray starts, or ship it with actor_options={'runtime_env': {'py_modules': [...]}})"
+            )
         raise ModelInitError(
-            f"{spec.function}: an actor died while loading {spec.where}: {exc}"
+            f"{spec.function}: an actor died while loading {spec.where}: {exc}{hint}"
         ) from exc
     log.info(
         "%s: %d actors loaded %s in %.2fs (max)",
