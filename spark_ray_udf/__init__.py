@@ -15,6 +15,7 @@ from spark_ray_udf.errors import (
     ModelTableError,
     PoolClosedError,
     RayUnavailableError,
+    RetriesExhaustedError,
     SparkRayUdfError,
 )
 from spark_ray_udf.store import latest_version, load_model, save_model
@@ -32,6 +33,7 @@ __all__ = [
     "PoolClosedError",
     "RayModel",
     "RayUnavailableError",
+    "RetriesExhaustedError",
     "SparkRayUdfError",
     "apply_keras",
     "init_keras",

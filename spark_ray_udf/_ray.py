@@ -137,6 +137,7 @@ def ensure_ray(address: str | None = None) -> str:
                 log_to_driver=False,
                 logging_level=logging.WARNING,
             )
+        stop_error_listener()
         return str(ray.get_runtime_context().gcs_address)
 
 
@@ -175,3 +176,24 @@ def connect_worker(address: str, *, who: str, auth: str = "") -> None:
             logging_level=logging.WARNING,
             configure_logging=False,
         )
+        stop_error_listener()
+
+
+def stop_error_listener() -> None:
+    """Stop Ray's error-message listener thread in this process (after our ``ray.init``).
+
+    Ray 2.60 starts it in every process that calls ``ray.init``; it only copies Ray's cluster
+    error messages to this process's log. Once the GCS is gone (Ray stopped or crashed) it
+    blocks holding the GIL, which freezes every other thread of the process, so no timeout can
+    fire (``ray.get(timeout=5)`` hung for 60 s in tests/test_faults.py) until Ray terminates the
+    process. Without it, waits time out and the library reports the lost Ray by name. Private
+    Ray attributes, used defensively: if they change, this does nothing.
+    """
+    import ray
+
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    global_worker = getattr(worker, "global_worker", None)
+    stopped = getattr(global_worker, "threads_stopped", None)
+    thread = getattr(global_worker, "listener_thread", None)
+    if isinstance(stopped, threading.Event) and isinstance(thread, threading.Thread):
+        stopped.set()  # the thread returns after its current poll; ray.shutdown() clears it

@@ -9,8 +9,12 @@ task streams the task's Arrow batches to the actors:
 * up to ``max_in_flight`` batches per task are in flight, so Spark ships batch k+1 while an
   actor computes batch k;
 * results come back in input order;
-* a batch whose actor died is sent again to a live actor, at most ``max_retries`` times;
-* every wait on Ray has a timeout (``call_timeout_s``).
+* a batch whose actor died is sent again to a live actor, at most ``max_retries`` times
+  (then :class:`~spark_ray_udf.errors.RetriesExhaustedError`); an actor that failed is taken
+  back once it answers a ping (Ray restarts killed actors);
+* every wait on Ray has a timeout (``call_timeout_s``), and while waiting the task checks every
+  ``PROBE_S`` that Ray's GCS still accepts connections, so a stopped Ray fails the task in
+  seconds with :class:`~spark_ray_udf.errors.RayUnavailableError`.
 
 This is the one piece of per-process state in the library; :func:`clear_clients` empties it.
 """
@@ -31,12 +35,17 @@ import pyarrow as pa
 from spark_ray_udf._dispatch import choose_actor
 from spark_ray_udf.errors import (
     CallTimeoutError,
+    InputError,
     ModelApplyError,
     PoolClosedError,
+    RayUnavailableError,
+    RetriesExhaustedError,
     SparkRayUdfError,
 )
 
 log = logging.getLogger(__name__)
+
+PROBE_S = 2.0  # while a call is out, check this often that Ray's GCS still accepts connections
 
 
 class PoolAddress(NamedTuple):
@@ -82,6 +91,7 @@ class PoolClient:
         self._actors: tuple[Any, ...] = ()
         self._in_flight: list[int] = []
         self._usable: list[bool] = []
+        self._pings: dict[int, Any] = {}  # actor index -> pending pid() call of an unusable actor
         self._start = os.getpid()
 
     def _closed_message(self) -> str:
@@ -93,12 +103,12 @@ class PoolClient:
 
     def refresh(self) -> None:
         """Ask the directory which actors serve the function now."""
-        import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
         try:
-            gen = ray.get(self._directory.current.remote(), timeout=self.address.call_timeout_s)
+            gen = self._get(self._directory.current.remote(), what="the pool's directory")
         except RayActorError as exc:
+            self._check_ray("the pool's directory")  # a lost Ray is named as such
             raise PoolClosedError(self._closed_message()) from exc
         except GetTimeoutError as exc:
             raise CallTimeoutError(
@@ -112,10 +122,74 @@ class PoolClient:
             self._number, self._version, self._actors = gen.number, gen.version, gen.actors
             self._in_flight = [0] * len(gen.actors)
             self._usable = [True] * len(gen.actors)
+            self._pings = {}
+        else:
+            self._readmit()
+
+    def _readmit(self) -> None:
+        """Take back actors that failed once they answer a ping (never blocks).
+
+        A killed actor is restarted by Ray (``max_restarts=-1``) and reloads the model; without
+        this, a long-lived Spark Python worker would never send it a batch again. An actor gone
+        for good (``ray.kill``) fails every ping and stays out of rotation.
+        """
+        import ray
+        from ray.exceptions import RayError
+
+        for i, usable in enumerate(self._usable):
+            if usable:
+                continue
+            ping = self._pings.pop(i, None)
+            if ping is None:
+                self._pings[i] = self._actors[i].pid.remote()
+                continue
+            ready, _ = ray.wait([ping], timeout=0)
+            if not ready:
+                self._pings[i] = ping
+                continue
+            try:
+                ray.get(ping, timeout=0)
+            except RayError:
+                continue  # still down: ping again at the next refresh
+            self._usable[i] = True
+            log.info("%s: actor %d answers again", self.address.function, i)
 
     @property
     def version(self) -> int:
         return self._version
+
+    def _get(self, ref: Any, *, what: str) -> Any:
+        """``ray.get(ref)`` within ``call_timeout_s``, checking every ``PROBE_S`` that the GCS
+        still accepts connections: a stopped Ray fails in seconds with
+        :class:`RayUnavailableError`, not at the timeout (``GetTimeoutError`` then)."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        a = self.address
+        deadline = time.monotonic() + a.call_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return ray.get(ref, timeout=max(0.0, min(PROBE_S, remaining)))
+            except GetTimeoutError:
+                if remaining <= PROBE_S:
+                    raise
+            self._check_ray(what)
+
+    def _check_ray(self, what: str) -> None:
+        """Raise :class:`RayUnavailableError` if Ray's GCS no longer accepts connections."""
+        from spark_ray_udf._ray import check_reachable
+
+        a = self.address
+        try:
+            check_reachable(a.ray_address, timeout_s=PROBE_S, who=a.function)
+        except RayUnavailableError as exc:
+            raise RayUnavailableError(
+                f"{a.function}: the Ray at {a.ray_address} stopped answering while this task "
+                f"waited for {what} ({exc.__cause__}); Ray was stopped or crashed: start it "
+                "again and register the function again with register_ray_model() (Spark's "
+                "retries of this task fail the same way until then)"
+            ) from exc
 
     def _submit(self, p: _Pending) -> _Pending:
         backoff = 0.1
@@ -140,11 +214,16 @@ class PoolClient:
     def _check_attempts(self, p: _Pending, cause: BaseException | None) -> None:
         if p.attempts > self.address.max_retries:
             n = len(p.columns[0]) if p.columns else 0
-            raise PoolClosedError(
+            if cause is None:
+                why = "no actor of the pool could take the batch"
+            else:
+                first_line = (str(cause).strip().splitlines() or [""])[0].rstrip(".")
+                why = f"actor {p.actor} died: {type(cause).__name__}: {first_line}"
+            raise RetriesExhaustedError(
                 f"{self.address.function}: rows {p.row_offset}..{p.row_offset + n - 1} failed on "
                 f"{p.attempts} actors of the pool (namespace {self.address.namespace!r}, Ray at "
-                f"{self.address.ray_address}); last cause: {cause!r}. Raise max_retries= or check "
-                "why the actors die (memory, init_func)"
+                f"{self.address.ray_address}); last cause: {why}. Raise max_retries= or check "
+                "why the actors die (out of memory, apply_func or a library crashing the process)"
             ) from cause
 
     def _collect(self, p: _Pending) -> pa.Array:
@@ -155,7 +234,10 @@ class PoolClient:
             return p.done
         while True:
             try:
-                out = ray.get(p.ref, timeout=self.address.call_timeout_s)
+                n = len(p.columns[0])
+                out = self._get(
+                    p.ref, what=f"rows {p.row_offset}..{p.row_offset + n - 1} from actor {p.actor}"
+                )
             except GetTimeoutError as exc:
                 ray.cancel(p.ref)
                 n = len(p.columns[0])
@@ -213,6 +295,12 @@ class PoolClient:
         try:
             for batch in batches:
                 columns = list(batch) if isinstance(batch, tuple) else [batch]
+                if not columns:
+                    f = self.address.function
+                    raise InputError(
+                        f"{f}: called without arguments; pass the columns apply_func takes, "
+                        f"e.g. {f}(features)"
+                    )
                 n = len(columns[0])
                 p = _Pending(columns=columns, row_offset=offset)
                 offset += n

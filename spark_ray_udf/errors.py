@@ -48,6 +48,11 @@ class CallTimeoutError(SparkRayUdfError, TimeoutError):
     """A Ray call did not answer within its timeout."""
 
 
+class RetriesExhaustedError(SparkRayUdfError, RuntimeError):
+    """The actors serving a batch died more than ``max_retries`` times (out of memory, killed,
+    ``apply_func`` crashing the process); the message names the rows and the last cause."""
+
+
 __all__ = [
     "CallTimeoutError",
     "InputError",
@@ -57,5 +62,6 @@ __all__ = [
     "ModelTableError",
     "PoolClosedError",
     "RayUnavailableError",
+    "RetriesExhaustedError",
     "SparkRayUdfError",
 ]

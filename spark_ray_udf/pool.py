@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -110,6 +111,7 @@ class ModelWorker:
         self._index = index
         self._model: Any = None
         self._error: SparkRayUdfError | None = None
+        remove_stale_folders(Path(spec.work_root).parent)
         Path(spec.work_root).mkdir(parents=True, exist_ok=True)
         self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=spec.work_root)
         atexit.register(self._cleanup)
@@ -202,6 +204,47 @@ class ModelWorker:
 
     def _cleanup(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+_STALE_NAME = re.compile(r"^actor\d+-pid(\d+)-")
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists
+        return True
+    return True
+
+
+def remove_stale_folders(root: Path, *, min_age_s: float = 60.0) -> list[Path]:
+    """Remove the model folders under ``root`` whose actor process is gone; return them.
+
+    An actor removes its folder on ``stop()`` and at exit, and :meth:`ModelPool.close` removes
+    the pool's folder; but an actor killed outright (its driver SIGKILLed, the node's Ray
+    stopped) runs no cleanup. Each actor names its folder ``actor<i>-pid<pid>-...``, so every
+    new actor sweeps the folders of dead PIDs on its machine, then the pools' folders that are
+    empty and untouched for ``min_age_s``. (Machines sharing one temp folder across PID
+    namespaces must give each its own ``TMPDIR``.)
+    """
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for folder in root.glob("*/actor*-pid*-*"):
+        match = _STALE_NAME.match(folder.name)
+        if match and not _pid_running(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    for pool_root in root.iterdir():
+        try:
+            if time.time() - pool_root.stat().st_mtime > min_age_s:
+                pool_root.rmdir()  # only when empty
+                removed.append(pool_root)
+        except OSError:
+            pass
+    return removed
 
 
 class Directory:
@@ -325,14 +368,15 @@ class ModelPool:
         if self.closed:
             return
         self.closed = True
-        if not ray.is_initialized():
-            return
-        stop_actors(self.generation.actors)
-        try:
-            ray.kill(self.directory, no_restart=True)
-        except (RayActorError, ValueError):
-            pass  # already gone
+        if ray.is_initialized():  # else Ray stopped them (e.g. ray.shutdown() before atexit)
+            stop_actors(self.generation.actors)
+            try:
+                ray.kill(self.directory, no_restart=True)
+            except (RayActorError, ValueError):
+                pass  # already gone
         self.stored = StoredModel(self.stored.table, self.stored.version, self.stored.manifest, {})
+        # Actors killed without their own cleanup (ray.shutdown, SIGKILL) leave their model
+        # folders here: the pool removes the whole root on this machine in every case.
         shutil.rmtree(self.work_root, ignore_errors=True)
         log.info("closed the pool of %s", self.function)
 

@@ -284,24 +284,66 @@ def apply_modes(model: LinearModel, mode: np.ndarray, *columns: np.ndarray) -> A
     raise ValueError(f"apply_modes: unknown mode {m}")
 
 
-def alive_actor_ids(class_name: str) -> set[str]:
-    """IDs of the ALIVE actors of ``class_name`` in this session's Ray (state API, 30 s timeout)."""
-    from ray.util.state import list_actors
+def actor_processes(class_name: str) -> set[int]:
+    """PIDs of the running actor processes of ``class_name`` (``ray::ModelWorker``, ...) of the
+    Ray this process started. (Ray's state API needs the dashboard, which the library keeps
+    off.)"""
+    import psutil
 
-    rows = list_actors(
-        filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")],
-        limit=10_000,
-        timeout=30,
-        raise_on_missing_output=False,
-    )
-    return {r.actor_id for r in rows}
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            name = proc.name()
+            if name in (f"ray::{class_name}",) or name.startswith(f"ray::{class_name}."):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    pids.add(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
 
 
-# --- Keras ---------------------------------------------------------------------------------------
+def object_refs_held(ids: Any) -> set[str]:
+    """Which of the object ids (``ObjectRef.hex()``) this process still counts references to
+    (a private Ray call: there is no public one without the dashboard)."""
+    import ray
+
+    counts = ray._private.worker.global_worker.core_worker.get_all_reference_counts()
+    held = {k.decode() if isinstance(k, bytes) else str(k) for k in counts}
+    return set(ids) & held
 
 
-def apply_keras_argmax(model: Any, x: np.ndarray) -> np.ndarray:
-    """``int``: the class a Keras model from ``init_keras`` picks for each row."""
-    from spark_ray_udf.builtins import apply_keras
+def init_sleeping(model_dir: str, conf: Mapping[str, Any]) -> Any:
+    """An ``init_func`` that takes ``conf["sleep_s"]`` seconds, for init timeouts."""
+    time.sleep(float(conf.get("sleep_s", 60)))
+    from spark_ray_udf.testing import init_linear
 
-    return apply_keras(model, x).argmax(axis=1).astype(np.int32)
+    return init_linear(model_dir, conf)
+
+
+def init_digests(model_dir: str, conf: Mapping[str, Any]) -> dict[str, str]:
+    """An ``init_func`` that reads every model file as bytes (unpickling nothing) and keeps
+    each file's sha256: what a careful ``init_func`` of an untrusted folder would do."""
+    import hashlib
+
+    root = Path(model_dir)
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def apply_digest(model: dict[str, str], name: np.ndarray) -> np.ndarray:
+    """``string``: the sha256 the actor saw for the model file named in each row."""
+    return np.array([model.get(str(n), "missing") for n in name])
+
+
+class Touch:
+    """Pickles to a call that creates the file ``path`` when unpickled: a stand-in for a
+    malicious pickle in a model folder."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
