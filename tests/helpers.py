@@ -347,3 +347,13 @@ class Touch:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (open, (self.path, "w"))
+
+
+# --- Keras ---------------------------------------------------------------------------------------
+
+
+def apply_keras_argmax(model: Any, x: np.ndarray) -> np.ndarray:
+    """``int``: the class a Keras model from ``init_keras`` picks for each row."""
+    from spark_ray_udf.builtins import apply_keras
+
+    return apply_keras(model, x).argmax(axis=1).astype(np.int32)
