@@ -1,0 +1,1 @@
+"""``make bench``: spark-ray-udf against the alternatives, side by side (see ``run.py``)."""
