@@ -1,16 +1,18 @@
 """The Ray side: model worker actors, the pool's directory, and the driver-side pool.
 
-* :class:`ModelWorker` (a Ray actor) materializes the model files from the object store into its
-  own temporary folder, calls ``init_func`` once, and serves ``predict`` calls on Arrow batches.
-  An error in ``init_func`` is kept and raised by ``ready()`` with the actor's traceback.
+* :class:`ModelWorker` (a Ray actor) writes the model files into its own temporary folder, read
+  straight from the Delta version's Parquet files (``WorkerSpec.files``) or, when the actors
+  cannot reach the table's storage, from chunks the driver put in the object store; it calls
+  ``init_func`` once, and serves ``predict`` calls on Arrow batches. An error in ``init_func`` is kept and raised by ``ready()`` with the actor's traceback.
 * :class:`Directory` (a tiny named actor, no CPU) tells Spark's Python workers which actors serve
   the function now: a :class:`Generation`. Workers find it by name in the pool's own namespace.
 * :class:`ModelPool` (driver side) starts a generation, waits until every actor is ready (with a
   timeout), publishes it, and stops everything on :meth:`ModelPool.close`.
 
 Actors restart by default (``max_restarts=-1``): a restarted actor runs ``__init__`` again and so
-reloads the model from the object store, where the driver keeps the chunks pinned while the pool
-lives.
+reloads the model from the table's files (a Delta version's files do not change; VACUUM may
+remove old ones), or from the object store, where the driver then keeps the chunks pinned while
+the pool lives.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from spark_ray_udf.errors import (
     CallTimeoutError,
     ModelApplyError,
     ModelInitError,
+    ModelTableError,
     PoolClosedError,
     SparkRayUdfError,
 )
-from spark_ray_udf.store import Manifest, StoredModel, materialize
+from spark_ray_udf.store import Manifest, StoredModel, materialize, rows_from_files, write_model
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class WorkerSpec:
     work_root: str
     fetch_timeout_s: float
     with_version: bool = False
+    files: tuple[str, ...] = ()  # read the model from these Parquet files; else chunk refs
 
     @property
     def where(self) -> str:
@@ -117,19 +121,15 @@ class ModelWorker:
         atexit.register(self._cleanup)
         start = time.monotonic()
         try:
-            materialize(
-                spec.manifest,
-                lambda p, i: ray.get(chunks[(p, i)], timeout=spec.fetch_timeout_s),
-                self._dir,
-                where=spec.where,
-            )
+            self._fetch(chunks)
         except SparkRayUdfError as exc:
             self._error = exc
             return
-        except Exception:  # object store fetch failed: report with the traceback
+        except Exception:  # storage or object store read failed: report with the traceback
+            source = "its Delta files" if spec.files else "the Ray object store"
             self._error = ModelInitError(
                 f"{spec.function}: actor {index} (pid {os.getpid()}) could not fetch the files of "
-                f"{spec.where} from the Ray object store:\n{traceback.format_exc()}"
+                f"{spec.where} from {source}:\n{traceback.format_exc()}"
             )
             return
         try:
@@ -141,6 +141,24 @@ class ModelWorker:
                 f"files. The actor's traceback:\n{traceback.format_exc()}"
             )
         self._load_seconds = time.monotonic() - start
+
+    def _fetch(self, chunks: dict[tuple[str, int], Any]) -> None:
+        spec = self._spec
+        if not spec.files:
+            materialize(
+                spec.manifest,
+                lambda p, i: ray.get(chunks[(p, i)], timeout=spec.fetch_timeout_s),
+                self._dir,
+                where=spec.where,
+            )
+            return
+        rows = rows_from_files(spec.files, where=spec.where)
+        manifest = write_model(rows, self._dir, where=spec.where)
+        if manifest != spec.manifest:
+            raise ModelTableError(
+                f"{spec.where}: the manifest read by the actor differs from the one read at "
+                "registration; the table's files were rewritten: register the model again"
+            )
 
     def ready(self) -> WorkerInfo:
         """Raise the load error, if any; otherwise describe this actor."""

@@ -26,18 +26,19 @@ file on disk, or the Ray object store).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
 
+from spark_ray_udf import _delta
 from spark_ray_udf.errors import ModelNotFoundError, ModelTableError
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class StoredModel(Generic[T]):
     version: int
     manifest: Manifest
     chunks: dict[tuple[str, int], T] = field(repr=False)
+    files: tuple[str, ...] = ()  # the version's Parquet files, when readable directly
 
     @property
     def where(self) -> str:
@@ -366,7 +368,24 @@ def _delta_table(spark: SparkSession, table: str) -> Any:
 
 
 def latest_version(spark: SparkSession, table: str) -> int:
-    """The newest committed version of the Delta table ``table``."""
+    """The newest committed version of the Delta table ``table``.
+
+    For a table whose commits are files in its ``_delta_log`` folder (a path table, or a
+    metastore table whose location was looked up before), this is one folder listing (~1 ms);
+    otherwise it asks Delta's history (~100 ms, a Spark query).
+    """
+    ref = TableRef(table)
+    info = _delta.cached_info(table)
+    location = ref.name if ref.is_path else (info.location if info is not None else None)
+    if location is not None and (info is None or info.direct):
+        try:
+            found = _delta.latest_from_log(location)
+        except (OSError, ValueError, NotImplementedError) as exc:
+            log.debug("%s: listing the Delta log failed (%s); asking Spark", table, exc)
+            _delta.forget(table)
+            found = None
+        if found is not None:
+            return found
     row = _delta_table(spark, table).history(1).select("version").head()
     if row is None:
         raise ModelTableError(f"{table}: the Delta table has no history; re-save the model")
@@ -395,38 +414,85 @@ def _read_version(spark: SparkSession, table: str, version: int) -> DataFrame:
         raise ModelNotFoundError(f"{table}@v{version}: cannot read this version ({exc})") from exc
 
 
-def _rows(df: DataFrame, where: str) -> Iterator[Any]:
+class ChunkRow(NamedTuple):
+    """One row of a model table."""
+
+    kind: str
+    path: str
+    chunk_index: int
+    num_chunks: int
+    file_size: int
+    file_sha256: str
+    chunk_sha256: str
+    data: bytes
+
+
+def _not_model_table(
+    where: str, missing: list[str], has: list[str], uri: str = ""
+) -> ModelTableError:
+    in_file = f" in {uri}" if uri else ""
+    return ModelTableError(
+        f"{where}: not a model table (columns {missing} are missing{in_file}; it has {has}); "
+        "model tables are written by save_model()"
+    )
+
+
+def _spark_rows(df: DataFrame, where: str) -> Iterator[ChunkRow]:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ModelTableError(
-            f"{where}: not a model table (columns {missing} are missing; it has {df.columns}); "
-            "model tables are written by save_model()"
-        )
-    return df.select(*COLUMNS).toLocalIterator(prefetchPartitions=False)
+        raise _not_model_table(where, missing, df.columns)
+    for r in df.select(*COLUMNS).toLocalIterator(prefetchPartitions=False):
+        yield ChunkRow(*r[:-1], bytes(r.data) if r.data is not None else b"")
 
 
-def read_model(
-    spark: SparkSession,
-    table: str,
-    *,
-    version: int | None = None,
-    sink: Callable[[str, int, bytes], T],
-) -> StoredModel[T]:
-    """Stream one version of a model table, check it, and hand each chunk to ``sink``.
+def rows_from_files(files: Sequence[str], *, where: str) -> Iterator[ChunkRow]:
+    """Stream the rows of a table version's Parquet files with pyarrow, a few chunks at a time.
 
-    ``sink(path, chunk_index, data)`` returns what is kept for that chunk (a Ray ``ObjectRef``,
-    an offset written, ...). Every chunk's sha256, every path, and the chunk set of every file
-    are checked against the manifest; any gap raises :class:`ModelTableError` naming the table,
-    version and file.
+    Holds about one Parquet page plus four chunks in memory, however large the model; no JVM
+    is involved. ``files`` come from :func:`locate_model`.
     """
-    v = resolve_version(spark, table, version)
-    where = f"{table}@v{v}"
-    df = _read_version(spark, table, v)
+    for uri in files:
+        with _open_parquet(uri, where=where) as pf:
+            for batch in pf.iter_batches(batch_size=4, columns=list(COLUMNS)):
+                for r in batch.to_pylist():
+                    r["data"] = r["data"] if r["data"] is not None else b""
+                    yield ChunkRow(**r)
+
+
+@contextmanager
+def _open_parquet(uri: str, *, where: str) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    fs, path = _delta.open_uri(uri)
+    try:
+        fh = fs.open_input_file(path)
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"{where}: its data file {uri} is gone (removed by VACUUM, or the table moved); "
+            "register the latest version, or save the model again"
+        ) from exc
+    with fh:
+        pf = pq.ParquetFile(fh, buffer_size=1 << 20)
+        names = pf.schema_arrow.names
+        missing = [c for c in COLUMNS if c not in names]
+        if missing:
+            raise _not_model_table(where, missing, names, uri)
+        yield pf
+
+
+def _collect(
+    rows: Iterator[ChunkRow], where: str, keep: Callable[[ChunkRow, str], T]
+) -> tuple[Manifest, dict[tuple[str, int], T]]:
+    """Check every row of a model version against the manifest; ``keep(row, path)`` each chunk.
+
+    Every chunk's sha256, every path, and the chunk set of every file are checked; any gap
+    raises :class:`ModelTableError` naming the table, version and file.
+    """
     manifest: Manifest | None = None
     chunks: dict[tuple[str, int], T] = {}
     seen: dict[str, tuple[int, int, str]] = {}
     n_rows = 0
-    for r in _rows(df, where):
+    for r in rows:
         n_rows += 1
         if r.kind == "manifest":
             if manifest is not None:
@@ -436,8 +502,7 @@ def read_model(
         if r.kind != "file":
             raise ModelTableError(f"{where}: row of unknown kind {r.kind!r}; re-save the model")
         path = check_relative_path(r.path, where=where)
-        data = bytes(r.data) if r.data is not None else b""
-        if hashlib.sha256(data).hexdigest() != r.chunk_sha256:
+        if hashlib.sha256(r.data).hexdigest() != r.chunk_sha256:
             raise ModelTableError(
                 f"{where}: chunk {r.chunk_index} of {path!r} fails its sha256 check; the table "
                 "was modified or corrupted: re-save the model with save_model()"
@@ -450,8 +515,10 @@ def read_model(
             )
         if key in chunks:
             raise ModelTableError(f"{where}: chunk {r.chunk_index} of {path!r} appears twice")
-        seen[path] = (int(r.num_chunks), int(r.file_size), str(r.file_sha256))
-        chunks[key] = sink(path, int(r.chunk_index), data)
+        facts = (int(r.num_chunks), int(r.file_size), str(r.file_sha256))
+        if seen.setdefault(path, facts) != facts:
+            raise ModelTableError(f"{where}: the rows of {path!r} disagree on its size or sha256")
+        chunks[key] = keep(r, path)
     if n_rows == 0:
         raise ModelTableError(f"{where}: the table is empty; save a model with save_model()")
     if manifest is None:
@@ -474,7 +541,136 @@ def read_model(
             raise ModelTableError(f"{where}: rows of {f.path!r} disagree with the manifest")
     for d in manifest.dirs:
         check_relative_path(d, where=where)
+    return manifest, chunks
+
+
+def locate_model(spark: SparkSession, table: str, version: int) -> StoredModel[Any] | None:
+    """The manifest and Parquet files of ``table@version`` when pyarrow can read them directly
+    (see :mod:`spark_ray_udf._delta`), else None. Reads the manifest row only: no model bytes.
+    """
+    ref = TableRef(table)
+    where = f"{table}@v{version}"
+    try:
+        info = _delta.table_info(spark, table, is_path=ref.is_path)
+    except Exception as exc:  # AnalysisException and friends: the Spark path reports them
+        log.info("%s: DESCRIBE DETAIL failed (%s); reading through Spark", where, exc)
+        return None
+    if not info.direct:
+        log.info("%s: table features %s: reading through Spark", where, sorted(info.features))
+        return None
+    files = sorted(_read_version(spark, table, version).inputFiles())
+    if not files:
+        raise ModelTableError(f"{where}: the table is empty; save a model with save_model()")
+    try:
+        fs, path = _delta.open_uri(files[0])
+        readable = fs.get_file_info(path).is_file
+    except (OSError, ValueError, NotImplementedError) as exc:
+        log.info("%s: pyarrow cannot open %s (%s); reading through Spark", where, files[0], exc)
+        return None
+    if not readable:
+        log.info("%s: pyarrow does not see %s; reading through Spark", where, files[0])
+        return None
+    manifest = _find_manifest(files, where)
+    return StoredModel(table=table, version=version, manifest=manifest, chunks={}, files=tuple(files))
+
+
+def _find_manifest(files: Sequence[str], where: str) -> Manifest:
+    # Row-group statistics of `kind` skip the groups that hold only file chunks.
+    for uri in files:
+        with _open_parquet(uri, where=where) as pf:
+            kind_col = pf.schema_arrow.get_field_index("kind")
+            for g in range(pf.metadata.num_row_groups):
+                stats = pf.metadata.row_group(g).column(kind_col).statistics
+                if stats is not None and stats.has_min_max and not (
+                    stats.min <= "manifest" <= stats.max
+                ):
+                    continue
+                for batch in pf.iter_batches(batch_size=4, row_groups=[g], columns=["kind", "data"]):
+                    for kind, data in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                        if kind == "manifest":
+                            return Manifest.from_json(data or b"", where=where)
+    raise ModelTableError(
+        f"{where}: no manifest row; this table was not written by save_model() or is incomplete"
+    )
+
+
+def model_rows(spark: SparkSession, table: str, version: int) -> tuple[Iterator[ChunkRow], str]:
+    """The rows of ``table@version`` (pyarrow when possible, else Spark) and how they are read."""
+    located = locate_model(spark, table, version)
+    where = f"{table}@v{version}"
+    if located is not None:
+        return rows_from_files(located.files, where=where), "pyarrow"
+    return _spark_rows(_read_version(spark, table, version), where), "spark"
+
+
+def read_model(
+    spark: SparkSession,
+    table: str,
+    *,
+    version: int | None = None,
+    sink: Callable[[str, int, bytes], T],
+) -> StoredModel[T]:
+    """Stream one version of a model table, check it, and hand each chunk to ``sink``.
+
+    ``sink(path, chunk_index, data)`` returns what is kept for that chunk (a Ray ``ObjectRef``,
+    an offset written, ...). Every chunk's sha256, every path, and the chunk set of every file
+    are checked against the manifest; any gap raises :class:`ModelTableError` naming the table,
+    version and file. The rows are read with pyarrow straight from the version's Parquet files
+    when the table allows it (no model bytes in the JVM), else through Spark.
+    """
+    v = resolve_version(spark, table, version)
+    where = f"{table}@v{v}"
+    rows, how = model_rows(spark, table, v)
+    log.debug("%s: reading the rows with %s", where, how)
+    manifest, chunks = _collect(rows, where, lambda r, path: sink(path, int(r.chunk_index), r.data))
     return StoredModel(table=table, version=v, manifest=manifest, chunks=chunks)
+
+
+def write_model(rows: Iterator[ChunkRow], dest: str | os.PathLike[str], *, where: str) -> Manifest:
+    """Write a model version's rows, in any order, as files under the existing folder ``dest``;
+    check every chunk, then every file's size and sha256; return the manifest.
+
+    Each chunk is written at its offset in its file (chunk ``i`` of ``n`` starts at ``i`` times
+    the length of a full chunk; the last one ends at the file's size), so nothing is buffered.
+    On an error the caller removes ``dest``'s content.
+    """
+    root = Path(dest).resolve()
+    handles: dict[str, int] = {}
+
+    def keep(r: ChunkRow, path: str) -> None:
+        fd = handles.get(path)
+        if fd is None:
+            target = _inside(root, path, where=where)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = handles[path] = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        idx, n = int(r.chunk_index), int(r.num_chunks)
+        offset = idx * len(r.data) if idx < n - 1 else int(r.file_size) - len(r.data)
+        if offset < 0:
+            raise ModelTableError(
+                f"{where}: chunk {idx} of {path!r} is longer than the file; re-save the model"
+            )
+        data, written = memoryview(r.data), 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], offset + written)
+
+    try:
+        manifest, _ = _collect(rows, where, keep)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+    for d in manifest.dirs:
+        _inside(root, d, where=where).mkdir(parents=True, exist_ok=True)
+    for f in manifest.files:
+        target = _inside(root, f.path, where=where)
+        size = target.stat().st_size
+        digest = _sha256_file(target) if size == f.size else ""
+        if digest != f.sha256:
+            raise ModelTableError(
+                f"{where}: file {f.path!r} fails its check after loading (size {size}, expected "
+                f"{f.size}; sha256 {'ok' if digest == f.sha256 else 'mismatch'}); re-save the "
+                "model with save_model()"
+            )
+    return manifest
 
 
 def _inside(root: Path, rel: str, *, where: str) -> Path:
@@ -494,8 +690,8 @@ def materialize(
     """Write the model's files into ``dest`` (which must exist and be empty), checking each
     path stays inside ``dest`` and each file's size and sha256.
 
-    ``fetch(path, chunk_index)`` returns a chunk's bytes. Used by the Ray actors (chunks from the
-    object store) and by :func:`load_model`.
+    ``fetch(path, chunk_index)`` returns a chunk's bytes. Used by the Ray actors when the driver
+    sent the chunks through the object store (``model_source="object_store"``).
     """
     root = Path(dest).resolve()
     for d in manifest.dirs:
@@ -528,9 +724,9 @@ def load_model(
     dest: str | os.PathLike[str],
     *,
     version: int | None = None,
-) -> StoredModel[int]:
+) -> StoredModel[None]:
     """Write one version of a model table back into the empty or new folder ``dest``, byte for
-    byte, and return what was loaded.
+    byte, and return what was loaded. On any error ``dest`` is left empty again.
 
     Example::
 
@@ -541,23 +737,13 @@ def load_model(
     root.mkdir(parents=True, exist_ok=True)
     if any(root.iterdir()):
         raise FileExistsError(f"{root}: the folder is not empty; load_model() needs an empty folder")
-    spool = Path(tempfile.mkdtemp(prefix="spark-ray-udf-load-"))
+    v = resolve_version(spark, table, version)
+    where = f"{table}@v{v}"
     try:
-        # Chunks arrive in any order: spool each to its own file, then assemble in order.
-        counter = itertools.count()
-
-        def sink(path: str, idx: int, data: bytes) -> int:
-            n = next(counter)
-            (spool / f"{n}.chunk").write_bytes(data)
-            return n
-
-        stored = read_model(spark, table, version=version, sink=sink)
-        materialize(
-            stored.manifest,
-            lambda p, i: (spool / f"{stored.chunks[(p, i)]}.chunk").read_bytes(),
-            root,
-            where=stored.where,
-        )
-    finally:
-        shutil.rmtree(spool, ignore_errors=True)
-    return stored
+        rows, _ = model_rows(spark, table, v)
+        manifest = write_model(rows, root, where=where)
+    except BaseException:
+        for child in root.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        raise
+    return StoredModel(table=table, version=v, manifest=manifest, chunks={})

@@ -1,8 +1,9 @@
 """``register_ray_model``: a model stored in Delta becomes a SQL function served by Ray actors.
 
 On the driver, :func:`register_ray_model` checks what it can (name, return type, options),
-reads the model version from Delta into the Ray object store, starts the actor pool (once per
-driver and function), and registers an Arrow-native iterator UDF (``arrow_udf``, Spark >= 4.1)
+finds the model version's Parquet files in Delta (the actors read them; or, when they cannot,
+the driver puts the rows in the Ray object store), starts the actor pool (once per driver and
+function), and registers an Arrow-native iterator UDF (``arrow_udf``, Spark >= 4.1)
 under ``name``. The UDF's closure holds only a :class:`~spark_ray_udf.client.PoolAddress`; its
 Python workers connect to Ray once per process and stream Arrow batches to the actors.
 
@@ -24,19 +25,22 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
 from spark_ray_udf._arrow import NullPolicy, check_return_type
 from spark_ray_udf.client import PoolAddress, predict_batches
-from spark_ray_udf.errors import PoolClosedError
+from spark_ray_udf.errors import ModelTableError, PoolClosedError
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, SparkSession
     from pyspark.sql.types import DataType
 
     from spark_ray_udf.pool import ModelPool, WorkerInfo, WorkerSpec
+    from spark_ray_udf.store import StoredModel
+
+ModelSource = Literal["auto", "storage", "object_store"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,47 @@ def _make_udf(address: PoolAddress, spark_type: DataType) -> Any:
         return arrow_udf(predict, spark_type, ArrowUDFType.SCALAR_ITER)
 
 
+def _local_only(uri: str) -> bool:
+    return uri.startswith("file:") or "://" not in uri
+
+
+def _ray_is_this_machine() -> bool:
+    """True when every live Ray node is the one this driver is attached to."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return all(n["NodeID"] == here for n in ray.nodes() if n.get("Alive"))
+
+
+def _stored_for_actors(
+    spark: SparkSession, table: str, version: int, source: ModelSource
+) -> StoredModel[Any]:
+    """How the actors get ``table@version``: its Parquet files (``files`` set, nothing held by
+    the driver) or chunks the driver reads and pins in the object store."""
+    import ray
+
+    from spark_ray_udf.store import locate_model, read_model
+
+    if source != "object_store":
+        located = locate_model(spark, table, version)
+        if located is not None and (
+            source == "storage" or not _local_only(located.files[0]) or _ray_is_this_machine()
+        ):
+            return located
+        if source == "storage":
+            why = (
+                "its files are on this machine's disk and Ray has other nodes"
+                if located is not None
+                else "the table uses deletion vectors, column mapping or catalog-managed commits, "
+                "or pyarrow cannot open its storage"
+            )
+            raise ModelTableError(
+                f"{table}@v{version}: model_source='storage' asks the actors to read the table's "
+                f"Parquet files, but {why}; pass model_source='auto' or 'object_store'"
+            )
+    return read_model(spark, table, version=version, sink=lambda p, i, data: ray.put(data))
+
+
 @dataclass(frozen=True)
 class _Settings:
     """What a registration asked for, apart from the model version."""
@@ -109,6 +154,7 @@ class _Settings:
     num_actors: int
     actor_options: Mapping[str, Any]
     init_timeout_s: float
+    model_source: ModelSource
     spec: WorkerSpec  # its version and manifest are those of the first load
     extra: tuple[Any, ...]  # client-side options: in flight, timeouts, retries, address, refresh
 
@@ -118,6 +164,7 @@ class _Settings:
         return _fingerprint(
             self.table, version, s.init_func, s.apply_func, dict(s.conf), self.num_actors,
             dict(self.actor_options), str(s.return_type), s.on_null, s.with_version, self.extra,
+            self.model_source,
         )
 
 
@@ -196,20 +243,18 @@ class RayModel:
         fails to load, the old one keeps serving and the error is raised. Returns the version
         now served (unchanged when it is already the one asked for).
         """
-        from spark_ray_udf.store import read_model, resolve_version
-
-        import ray
+        from spark_ray_udf.store import resolve_version
 
         self._check_open()
         with self._reload_lock:
             target = resolve_version(self._spark, self.table, version)
             if target == self.version:
                 return target
-            stored = read_model(
-                self._spark, self.table, version=target, sink=lambda p, i, data: ray.put(data)
-            )
             s = self._settings
-            spec = replace(s.spec, version=stored.version, manifest=stored.manifest)
+            stored = _stored_for_actors(self._spark, self.table, target, s.model_source)
+            spec = replace(
+                s.spec, version=stored.version, manifest=stored.manifest, files=stored.files
+            )
             self._pool.swap(
                 spec,
                 stored,
@@ -279,6 +324,7 @@ def register_ray_model(
     init_timeout_s: float = 600.0,
     max_retries: int = 3,
     ray_address: str | None = None,
+    model_source: ModelSource = "auto",
 ) -> RayModel:
     """Register the model stored in the Delta table ``table`` as the SQL function ``name``.
 
@@ -298,6 +344,13 @@ def register_ray_model(
       retried on another actor up to ``max_retries`` times.
     * ``ray_address`` (or ``RAY_ADDRESS``) selects a Ray cluster; without either, a local Ray
       on 127.0.0.1 is started.
+    * ``model_source``: ``"storage"`` has each actor read the version's Parquet files itself
+      (pyarrow; the driver reads only the manifest row and holds no model bytes, and a
+      restarted actor reads them again); ``"object_store"`` has the driver read the rows and
+      put them in Ray's object store, pinned while the pool lives (for actors that cannot reach
+      the table's storage). ``"auto"`` (default) picks storage unless the table uses deletion
+      vectors or column mapping, pyarrow cannot open it, or it is on local disk and Ray has
+      other machines.
 
     Registering the same name again with the same table version, functions and options reuses
     the running pool; anything else replaces it.
@@ -315,7 +368,7 @@ def register_ray_model(
     """
     from spark_ray_udf import _ray
     from spark_ray_udf.pool import ModelPool, WorkerSpec
-    from spark_ray_udf.store import Manifest, read_model, resolve_version
+    from spark_ray_udf.store import Manifest, resolve_version
 
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"name must be a SQL identifier like 'model_predict' (got {name!r})")
@@ -326,6 +379,10 @@ def register_ray_model(
         )
     if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
         raise ValueError(f"num_actors must be a positive int (got {num_actors!r})")
+    if model_source not in ("auto", "storage", "object_store"):
+        raise ValueError(
+            f"model_source must be 'auto', 'storage' or 'object_store' (got {model_source!r})"
+        )
     if on_null not in ("error", "skip"):
         raise ValueError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
@@ -378,6 +435,7 @@ def register_ray_model(
         num_actors=num_actors,
         actor_options=options,
         init_timeout_s=float(init_timeout_s),
+        model_source=model_source,
         spec=spec,
         extra=(max_in_flight, float(call_timeout_s), max_retries, ray_address, refresh_seconds),
     )
@@ -390,10 +448,8 @@ def register_ray_model(
         log.info("%s: replacing the pool of %s@v%d", name, existing.table, existing.version)
 
     gcs_address = _ray.ensure_ray(ray_address)
-    import ray
-
-    stored = read_model(spark, table, version=resolved, sink=lambda p, i, data: ray.put(data))
-    spec = replace(spec, manifest=stored.manifest)
+    stored = _stored_for_actors(spark, table, resolved, model_source)
+    spec = replace(spec, manifest=stored.manifest, files=stored.files)
     settings = replace(settings, spec=spec)
     pool = ModelPool.start(
         spec,

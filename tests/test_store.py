@@ -517,3 +517,113 @@ def test_materialize_refuses_wrong_size(tmp_path: Path) -> None:
     (tmp_path / "bad").mkdir()
     with pytest.raises(ModelTableError, match=r"t@v0: file 'f.txt' fails its check after loading \(size 4, expected 5"):
         materialize(m, lambda p, i: b"hell", tmp_path / "bad", where="t@v0")
+
+
+# --- reading a version's Parquet files directly (pyarrow) or through Spark ----------------------
+
+
+def test_locate_model_finds_files_and_manifest_without_reading_chunks(spark: Any, versioned_table: str) -> None:
+    """A plain Delta table is read directly: its version's files and the manifest row, which
+    equals the one read_model checks against every chunk."""
+    from spark_ray_udf.store import locate_model
+
+    for version in (0, 1):
+        located = locate_model(spark, versioned_table, version)
+        assert located is not None and located.files and located.chunks == {}
+        assert all(f.startswith("file:") and f.endswith(".parquet") for f in located.files)
+        full = read_model(spark, versioned_table, version=version, sink=lambda p, i, d: None)
+        assert located.manifest == full.manifest
+
+
+def test_write_model_takes_rows_in_any_order(spark: Any, versioned_table: str, models: tuple[Path, Path], tmp_path: Path) -> None:
+    """Chunks are written at their offsets, so any row order rebuilds the folder byte for byte."""
+    import random
+
+    from spark_ray_udf.store import locate_model, rows_from_files, write_model as write_rows
+
+    located = locate_model(spark, versioned_table, 1)
+    assert located is not None
+    rows = list(rows_from_files(located.files, where="t@v1"))
+    assert sum(r.kind == "file" for r in rows) > len(located.manifest.files)  # multi-chunk files
+    for seed in range(3):
+        random.Random(seed).shuffle(rows)
+        dest = tmp_path / f"out{seed}"
+        dest.mkdir()
+        assert write_rows(iter(rows), dest, where="t@v1") == located.manifest
+        assert snapshot(dest) == snapshot(models[1])
+
+
+def test_write_model_refuses_a_truncated_chunk(spark: Any, versioned_table: str, tmp_path: Path) -> None:
+    """A chunk whose bytes (and chunk sha256) were cut short leaves a file of the right size
+    with the wrong bytes or a hole: the whole-file check names the file."""
+    from spark_ray_udf.store import ChunkRow, locate_model, rows_from_files, write_model as write_rows
+
+    located = locate_model(spark, versioned_table, 1)
+    assert located is not None
+    rows = []
+    for r in rows_from_files(located.files, where="t@v1"):
+        if r.path == "weights.bin" and r.chunk_index == 0:
+            short = r.data[:-10]
+            r = ChunkRow(**{**r._asdict(), "data": short, "chunk_sha256": hashlib.sha256(short).hexdigest()})
+        rows.append(r)
+    with pytest.raises(ModelTableError, match=r"^t@v1: file 'weights.bin' fails its check after loading"):
+        write_rows(iter(rows), tmp_path, where="t@v1")
+
+
+def test_latest_version_from_the_log_equals_delta_history(spark: Any, models: tuple[Path, Path], tmp_path: Path) -> None:
+    """The folder listing of _delta_log and Delta's own history agree, for path and metastore
+    tables, across several commits (including a checkpoint at version 10)."""
+    from delta.tables import DeltaTable
+
+    from spark_ray_udf import _delta
+    from spark_ray_udf.store import locate_model
+
+    table = str(tmp_path / "many")
+    name = f"{DB}.many_versions"
+    for i in range(12):
+        save_model(spark, models[i % 2], table, chunk_size=CHUNK)
+    save_model(spark, models[0], name, chunk_size=CHUNK)
+    save_model(spark, models[1], name, chunk_size=CHUNK)
+    assert any(p.name.endswith(".checkpoint.parquet") for p in (tmp_path / "many" / "_delta_log").iterdir())
+    assert _delta.latest_from_log(table) == 11 == latest_version(spark, table)
+    history = DeltaTable.forPath(spark, table).history(1).head()
+    assert history is not None and history.version == 11
+    locate_model(spark, name, 0)  # learns the metastore table's location
+    info = _delta.cached_info(name)
+    assert info is not None and info.direct
+    assert _delta.latest_from_log(info.location) == 1 == latest_version(spark, name)
+    located = locate_model(spark, table, 7)
+    assert located is not None
+    dest = tmp_path / "v7"
+    load_model(spark, table, dest, version=7)
+    assert snapshot(dest) == snapshot(models[1])
+
+
+def test_deletion_vectors_are_read_through_spark(spark: Any, fresh_table: str, models: tuple[Path, Path], tmp_path: Path) -> None:
+    """With deletion vectors the Parquet files still hold deleted rows: such a table is read
+    through Spark, which honours the delete (here: a chunk row deleted -> 'missing')."""
+    from spark_ray_udf.store import locate_model
+
+    spark.sql(f"ALTER TABLE delta.`{fresh_table}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')")
+    v = latest_version(spark, fresh_table)
+    assert locate_model(spark, fresh_table, v) is None
+    ok = tmp_path / "ok"
+    load_model(spark, fresh_table, ok)
+    assert snapshot(ok) == snapshot(models[0])
+    spark.sql(f"DELETE FROM delta.`{fresh_table}` WHERE path = 'weights.bin' AND chunk_index = 1")
+    assert locate_model(spark, fresh_table, v + 1) is None
+    with pytest.raises(ModelTableError, match=rf"^{fresh_table}@v{v + 1}: chunk 1 of 'weights.bin' is missing"):
+        load_model(spark, fresh_table, tmp_path / "bad")
+    assert not any((tmp_path / "bad").iterdir())
+
+
+def test_vacuumed_data_file_is_named(spark: Any, fresh_table: str, tmp_path: Path) -> None:
+    """A version whose Parquet file is gone gets ModelNotFoundError naming the file."""
+    from spark_ray_udf.store import locate_model, rows_from_files
+
+    located = locate_model(spark, fresh_table, 0)
+    assert located is not None
+    gone = located.files[0]
+    os.remove(gone.removeprefix("file:"))
+    with pytest.raises(ModelNotFoundError, match=r"its data file .* is gone"):
+        list(rows_from_files(located.files, where=f"{fresh_table}@v0"))

@@ -303,3 +303,49 @@ def test_context_manager_closes(spark, linear_table):
     assert helpers.wait_gone([i.pid for i in infos]) == []
     assert not os.path.exists(infos[0].model_dir)
     assert helpers.pool_namespaces("model_scoped") == []
+
+
+# --- where the actors get the model from ---------------------------------------------------------
+
+
+def test_model_sources_give_the_same_predictions(spark, two_versions):
+    """'storage' (what 'auto' picks for a local table and a one-machine Ray): the actors read
+    the version's Parquet files and the driver holds no chunk; 'object_store': the driver reads
+    the rows and pins them in Ray's object store. Same predictions; reload keeps the source."""
+    table, m0, m1 = two_versions
+    for source in ("auto", "storage", "object_store"):
+        with register_ray_model(
+            spark, table, "model_versioned", init_linear, apply_linear,
+            return_type="bigint", num_actors=1, version=0, model_source=source,
+        ) as model:
+            stored = model._pool.stored
+            if source == "object_store":
+                assert not stored.files and len(stored.chunks) == len(stored.manifest.files)
+            else:
+                assert stored.files and stored.chunks == {}
+            ids, labels = _sql_classes(spark)
+            assert labels == expected_classes(m0, ids)
+            assert model.reload(1) == 1
+            assert bool(model._pool.stored.files) == (source != "object_store")
+            ids, labels = _sql_classes(spark)
+            assert labels == expected_classes(m1, ids)
+
+
+def test_storage_source_refused_for_a_table_with_deletion_vectors(spark, tmp_path):
+    """model_source='storage' on a table the actors cannot read as plain Parquet says why and
+    what to pass instead; 'auto' falls back to the object store and serves."""
+    from spark_ray_udf import ModelTableError
+
+    model = make_linear_model(tmp_path / "m", seed=3)
+    table = str(tmp_path / "dv_table")
+    save_model(spark, tmp_path / "m", table)
+    spark.sql(f"ALTER TABLE delta.`{table}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')")
+    with pytest.raises(ModelTableError, match=r"model_source='storage' .* deletion vectors.*pass model_source='auto' or 'object_store'"):
+        register_ray_model(spark, table, "model_dv", init_linear, apply_linear, return_type="bigint", num_actors=1, model_source="storage")
+    assert helpers.pool_namespaces("model_dv") == []
+    with register_ray_model(spark, table, "model_dv", init_linear, apply_linear, return_type="bigint", num_actors=1) as served:
+        assert served._pool.stored.chunks and not served._pool.stored.files
+        ids = list(range(40))
+        events(spark, 40, 2).createOrReplaceTempView("udf_dv")
+        rows = spark.sql("select id, model_dv(features) as label from udf_dv order by id").collect()
+        assert [r.label for r in rows] == expected_classes(model, ids)

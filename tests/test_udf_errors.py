@@ -276,6 +276,7 @@ def test_bad_return_type_refused_on_driver(spark, ray_address, return_type, mess
         ({"name": ""}, ValueError, "name must be a SQL identifier"),
         ({"name": None}, ValueError, "name must be a SQL identifier"),
         ({"on_null": "ignore"}, ValueError, "on_null must be 'error' or 'skip' (got 'ignore')"),
+        ({"model_source": "s3"}, ValueError, "model_source must be 'auto', 'storage' or 'object_store' (got 's3')"),
         ({"max_in_flight": 0}, ValueError, "max_in_flight must be a positive int (got 0)"),
         ({"max_retries": -1}, ValueError, "max_retries must be a non-negative int (got -1)"),
         ({"call_timeout_s": 0}, ValueError, "call_timeout_s must be a positive number of seconds"),
