@@ -147,19 +147,19 @@ def _why_s2(sc: Scenario) -> str:
         "**Memory arithmetic (S2).** At the peak, (d) = JVM "
         f"{jvm_d / GB:.2f} + {tasks} Python workers {workers_d / GB:.2f} (each loads its own copy) = "
         f"{pd_ / GB:.2f} GB. (e) = JVM {jvm_e / GB:.2f} + {tasks} Python workers {workers_e / GB:.2f} "
-        f"(a Ray client each, no model) + 1 actor {actors / GB:.2f} (one copy) + Ray system "
-        f"{raysys / GB:.2f} + the model's chunks pinned in the object store {store / GB:.2f} = "
+        f"(a Ray client each, no model) + 1 actor {actors / GB:.2f} (the one copy) + Ray system "
+        f"{raysys / GB:.2f} + what the pool added to the object store {store / GB:.2f} = "
         f"{pe / GB:.2f} GB.",
         "",
         f"Without the JVM, which is the same Spark for both, (e)/(d) = "
         f"{(pe - jvm_e) / GB:.2f} / {(pd_ - jvm_d) / GB:.2f} = "
-        f"{(pe - jvm_e) / max(1, pd_ - jvm_d):.2f}x. What keeps (e) above 0.5x: the **second copy** of "
-        f"the model that the driver keeps pinned in the object store while the pool lives "
-        f"({store / GB:.2f} GB, so that restarted actors can reload), the per-worker Ray client "
-        f"({workers_e / tasks / GB:.2f} GB per Python worker) and Ray's own processes. (d) grows by "
-        f"one model per concurrent task, (e) does not: with n tasks, (d) ≈ JVM + n x "
-        f"{workers_d / tasks / GB:.2f} GB and (e) ≈ JVM + n x {workers_e / tasks / GB:.2f} + "
-        f"{(actors + raysys + store) / GB:.2f} GB.",
+        f"{(pe - jvm_e) / max(1, pd_ - jvm_d):.2f}x. (d) grows by one model per concurrent task, "
+        f"(e) does not: with n tasks, (d) ≈ JVM + n x {workers_d / tasks / GB:.2f} GB and (e) ≈ JVM "
+        f"+ n x {workers_e / tasks / GB:.2f} + {(actors + raysys + store) / GB:.2f} GB (one actor "
+        "with the model, Ray's own processes). The actors read the model from the table's Parquet "
+        "files, so the driver keeps no second copy in the object store (the previous version of "
+        "the library pinned one, 1.07 GB here, for actor restarts; a restarted actor now reads the "
+        "files again).",
     ]
     per_d = workers_d / tasks
     per_e = workers_e / tasks
@@ -169,9 +169,7 @@ def _why_s2(sc: Scenario) -> str:
     if denom > 0:
         n = (jvm_e + fixed_e - 0.5 * jvm_d) / denom
         lines.append(f"By that arithmetic the 0.5x target is met from about **{max(1, math.ceil(n))} "
-                     "concurrent tasks** per machine with today's library; without the pinned copy "
-                     f"(fixed part {(fixed_e - store) / GB:.2f} GB) from about "
-                     f"**{max(1, math.ceil((jvm_e + fixed_e - store - 0.5 * jvm_d) / denom))}**.")
+                     "concurrent tasks** per machine.")
     e, e2 = r["e"], r.get("e2")
     if e2 is not None:
         p2, _ = e2.peak()
@@ -179,11 +177,9 @@ def _why_s2(sc: Scenario) -> str:
             f"(e2), the same library with 2 actors, did {e2.median_rate:,.0f} rows/s "
             f"({e2.median_rate / e.median_rate:.2f}x (e), {e2.median_rate / r['d'].median_rate:.2f}x (d)) "
             f"at {p2 / GB:.2f} GB ({p2 / pd_:.2f}x (d)): the second actor buys a second core with a "
-            "second private copy. If the actors loaded the model zero-copy from the object store "
-            "(numpy arrays viewing the pinned chunks: one shared copy per node), 2 actors would "
-            f"cost about (e) - one model + one actor's base = {pe / GB:.2f} - {store / GB:.2f} + "
-            f"{max(0, actors - store) / GB:.2f} = {(pe - store + max(0, actors - store)) / GB:.2f} GB "
-            f"({(pe - store + max(0, actors - store)) / pd_:.2f}x (d)) for (e2)'s throughput."
+            "second private copy (`init` loads the arrays with `np.load`; an init that memory-maps "
+            "the file (`np.load(mmap_mode='r')`) would let actors on one machine share the page "
+            "cache instead)."
         )
     if e.actor_busy is not None:
         lines.append(
@@ -197,8 +193,10 @@ def _why_s2(sc: Scenario) -> str:
         )
     for tg in sc.targets:
         if tg.met is False and "memory" in tg.name:
-            tg.why = (f"the same JVM ({jvm_e / GB:.1f} GB) in both sums, and (e) holds two copies (actor + "
-                      f"{store / GB:.1f} GB pinned in the object store) where (d) holds {tasks}")
+            tg.why = (f"the same JVM ({jvm_e / GB:.1f} GB) and {tasks} Python workers' base "
+                      f"({workers_e / GB:.1f} GB) are in both sums, plus Ray's processes "
+                      f"({raysys / GB:.1f} GB) and the actor's base in (e): the model itself is "
+                      f"1 copy against {tasks}; the ratio falls with more tasks (arithmetic below)")
         elif tg.met is False:
             saturated = e.actor_busy is not None and e.actor_busy >= 0.7
             tg.why = (("one actor is one process computing for 4 tasks" if saturated or e.actor_busy is None
@@ -244,22 +242,25 @@ def _why_s4(sc: Scenario) -> str:
         return ""
     none_ms, pin_ms, resolve_ms = d["reregister_s"] * 1000, d["reregister_pinned_s"] * 1000, d["resolve_s"] * 1000
     lines = [
-        f"**Re-registering (S4).** With `version=None` it takes {none_ms:.0f} ms: the library must ask "
-        f"Delta for the latest version, and `latest_version()` alone (a Delta history query through "
-        f"Spark) costs {resolve_ms:.0f} ms. With `version=` pinned it takes {pin_ms:.0f} ms"
+        f"**Re-registering (S4).** With `version=None` it takes {none_ms:.0f} ms: the library must "
+        f"learn the latest version, and `latest_version()` alone (a listing of the table's "
+        f"`_delta_log` folder, no Spark query) costs {resolve_ms:.1f} ms. With `version=` pinned it "
+        f"takes {pin_ms:.0f} ms"
         + (" (the running pool is reused without a Delta round trip)." if pin_ms < 50 else
            " (the version is still resolved through Delta before the fingerprint is compared).")
         + " The rest is the fingerprint (cloudpickle of init/apply/conf) and `spark.udf.register`."
     ]
     if "read_model_s" in d:
         lines.append(
-            f"A new pool ({d['register_s']:.1f} s) is: reading the Delta version into the object store "
-            f"(`read_model` alone: {d['read_model_s']:.1f} s for a {d.get('model_mb', 0):.1f} MB model), "
-            f"then the actors' start, `import tensorflow` and load ({d['actor_load_s']:.1f} s, in parallel)."
+            f"A new pool ({d['register_s']:.1f} s) is: finding the version's Parquet files and its "
+            f"manifest row (Spark's `inputFiles()` and `DESCRIBE DETAIL`), then the actors' start, "
+            f"their read of the files, `import tensorflow` and load ({d['actor_load_s']:.1f} s, in "
+            f"parallel). (`read_model` alone, the whole {d.get('model_mb', 0):.1f} MB model to the "
+            f"driver with checks: {d['read_model_s']:.1f} s.)"
         )
     for tg in sc.targets:
         if tg.met is False:
-            tg.why = (f"`version=None` needs a Delta query ({resolve_ms:.0f} ms) to know the version; "
+            tg.why = (f"`version=None` needs the latest version ({resolve_ms:.0f} ms) first; "
                       "the pinned path" + (" meets it" if pin_ms < 50 else f" still takes {pin_ms:.0f} ms"))
     return "\n".join(lines)
 
@@ -400,10 +401,9 @@ def plan(s1: Scenario | None, s2: Scenario | None, s5: Scenario | None, cores: i
             "**Where a large model lives (S2).** predict_batch_udf keeps one copy per concurrent "
             f"task: {per_copy / GB:.2f} GB per Python worker here, so a 16-core executor holds "
             f"{16 * per_copy / GB:.0f} GB of copies and must reload them after every idle minute. "
-            f"spark-ray-udf keeps one per actor (GPU memory when the actors have GPUs) plus "
-            f"{store / GB:.2f} GB pinned in the driver node's object store: for E executors x 16 cores "
-            f"and G GPU actors, {16 * per_copy / GB:.0f} x E GB against {per_copy / GB:.2f} x G + "
-            f"{store / GB:.2f} GB.",
+            f"spark-ray-udf keeps one per actor (GPU memory when the actors have GPUs), read from "
+            f"the table's files by each actor: for E executors x 16 cores and G GPU actors, "
+            f"{16 * per_copy / GB:.0f} x E GB against {per_copy / GB:.2f} x G GB.",
         ]
     return lines
 

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -52,6 +53,7 @@ DEFAULT_ACTOR_OPTIONS: Mapping[str, Any] = MappingProxyType(
     {"num_cpus": 0.25, "max_restarts": -1, "max_task_retries": 0}
 )
 STOP_TIMEOUT_S = 10.0
+WATCH_S = 5.0  # how often the driver checks that every actor of the pool is still alive
 
 
 def qualname(func: Callable[..., Any]) -> str:
@@ -295,7 +297,14 @@ class ModelPool:
     generation: Generation
     stored: StoredModel[Any] = field(repr=False)
     infos: list[WorkerInfo]
+    spec: WorkerSpec = field(repr=False)
+    actor_options: Mapping[str, Any] = field(repr=False)
+    init_timeout_s: float = 600.0
     closed: bool = False
+    replaced: int = 0  # actors started by the watcher in place of dead ones
+    last_watch_error: BaseException | None = None
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def start(
@@ -332,9 +341,58 @@ class ModelPool:
             generation=generation,
             stored=stored,
             infos=infos,
+            spec=spec,
+            actor_options=actor_options,
+            init_timeout_s=init_timeout_s,
         )
         atexit.register(pool.close)
+        threading.Thread(target=pool._watch, name=f"spark-ray-udf-watch-{spec.function}", daemon=True).start()
         return pool
+
+    def _watch(self) -> None:
+        """Replace actors that Ray will not restart (``ray.kill``, restarts exhausted) so the pool
+        keeps its size; checks every ``WATCH_S`` (one GCS lookup per actor, no actor call)."""
+        wait = WATCH_S
+        while not self._stop.wait(wait):
+            try:
+                self.replace_dead()
+                self.last_watch_error, wait = None, WATCH_S
+            except PoolClosedError:
+                return
+            except Exception as exc:  # keep watching; say why, back off up to a minute
+                self.last_watch_error = exc
+                wait = min(60.0, wait * 2)
+                log.exception("%s: replacing a dead actor failed; retrying in %.0fs", self.function, wait)
+
+    def replace_dead(self) -> list[int]:
+        """Start a new actor (same version) for each actor of the serving generation that is dead
+        for good, publish the repaired generation, and return the replaced indices."""
+        with self._lock:
+            if self.closed:
+                raise PoolClosedError(f"{self.function}: the pool is closed")
+            old = self.generation
+            dead = [i for i, a in enumerate(old.actors) if actor_state(a) == "DEAD"]
+            if not dead:
+                return []
+            log.warning("%s: actors %s are dead for good; starting replacements", self.function, dead)
+            fresh, infos = start_actors(
+                self.spec, self.stored, num_actors=len(dead), options=self.actor_options,
+                timeout_s=self.init_timeout_s, indices=dead,
+            )
+            actors, all_infos = list(old.actors), list(self.infos)
+            for i, actor, info in zip(dead, fresh, infos):
+                actors[i] = actor
+                if i < len(all_infos):
+                    all_infos[i] = info
+            generation = Generation(number=old.number + 1, version=old.version, actors=tuple(actors))
+            try:
+                ray.get(self.directory.publish.remote(generation), timeout=self.init_timeout_s)
+            except BaseException:
+                stop_actors(fresh, graceful=False)
+                raise
+            self.generation, self.infos = generation, all_infos
+            self.replaced += len(dead)
+            return dead
 
     def swap(
         self,
@@ -352,19 +410,23 @@ class ModelPool:
         and exit. If loading fails, the new actors are stopped, the old ones keep serving, and
         the error is raised.
         """
-        if self.closed:
-            raise PoolClosedError(f"{self.function}: the pool is closed; register it again")
-        actors, infos = start_actors(
-            spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s
-        )
-        old = self.generation
-        generation = Generation(number=old.number + 1, version=stored.version, actors=tuple(actors))
-        try:
-            ray.get(self.directory.publish.remote(generation), timeout=init_timeout_s)
-        except BaseException:
-            stop_actors(actors, graceful=False)
-            raise
-        self.generation, self.stored, self.infos = generation, stored, infos
+        with self._lock:
+            if self.closed:
+                raise PoolClosedError(f"{self.function}: the pool is closed; register it again")
+            actors, infos = start_actors(
+                spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s
+            )
+            old = self.generation
+            generation = Generation(
+                number=old.number + 1, version=stored.version, actors=tuple(actors)
+            )
+            try:
+                ray.get(self.directory.publish.remote(generation), timeout=init_timeout_s)
+            except BaseException:
+                stop_actors(actors, graceful=False)
+                raise
+            self.generation, self.stored, self.infos = generation, stored, infos
+            self.spec, self.actor_options, self.init_timeout_s = spec, actor_options, init_timeout_s
         stop_actors(old.actors)
         log.info(
             "%s: generation %d (v%d) replaced generation %d (v%d)",
@@ -383,9 +445,11 @@ class ModelPool:
 
     def close(self) -> None:
         """Stop the actors (after the calls already queued), the directory, and unpin the model."""
-        if self.closed:
-            return
-        self.closed = True
+        self._stop.set()
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
         if ray.is_initialized():  # else Ray stopped them (e.g. ray.shutdown() before atexit)
             stop_actors(self.generation.actors)
             try:
@@ -406,14 +470,17 @@ def start_actors(
     num_actors: int,
     options: Mapping[str, Any],
     timeout_s: float,
+    indices: list[int] | None = None,
 ) -> tuple[list[Any], list[WorkerInfo]]:
     """Create the actors of one generation and wait (at most ``timeout_s``) until all are ready.
 
-    On any failure every actor of the generation is stopped before the error is raised.
+    ``indices`` number the actors (``0..num_actors-1`` by default). On any failure every actor
+    started here is stopped before the error is raised.
     """
     remote_cls = ray.remote(ModelWorker)
     opts = {**DEFAULT_ACTOR_OPTIONS, **options}
-    actors = [remote_cls.options(**opts).remote(spec, i, stored.chunks) for i in range(num_actors)]
+    numbers = list(range(num_actors)) if indices is None else indices
+    actors = [remote_cls.options(**opts).remote(spec, i, stored.chunks) for i in numbers]
     try:
         infos = ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
     except GetTimeoutError as exc:
@@ -448,6 +515,16 @@ def start_actors(
         max(i.load_seconds for i in infos),
     )
     return actors, list(infos)
+
+
+def actor_state(actor: Any) -> str:
+    """Ray's state of an actor (``ALIVE``, ``RESTARTING``, ``DEAD``, ...) from the GCS, without
+    calling the actor (a call would queue behind its batches). Uses Ray's GCS state accessor,
+    which needs no dashboard."""
+    from ray._private import state
+
+    info = state.actors(actor._actor_id.hex())
+    return str(info.get("State", "UNKNOWN")) if info else "UNKNOWN"
 
 
 def stop_actors(actors: tuple[Any, ...] | list[Any], *, graceful: bool = True) -> None:

@@ -17,10 +17,11 @@ Table layout (one row per chunk, one manifest row)::
     data          binary   the chunk (at most ``chunk_size`` bytes); the manifest JSON
 
 Memory: saving streams one chunk at a time through a staging Parquet file, so the driver holds
-one chunk (4 MiB by default). Loading streams the table partition by partition
-(``DataFrame.toLocalIterator``), so the driver holds at most one partition of rows (about
-``spark.sql.files.maxPartitionBytes``, 128 MiB by default) before each chunk goes to its sink (a
-file on disk, or the Ray object store).
+one chunk (4 MiB by default), and Spark writes one chunk per Parquet page (a 1 GB model saves
+with Spark's default 2 GB driver heap). Loading reads the version's Parquet files with pyarrow,
+page by page (about 50 MB of buffers for any model size, no JVM), when the table's files are its
+rows (no deletion vectors or column mapping, see :mod:`spark_ray_udf._delta`); otherwise it
+streams the table partition by partition (``DataFrame.toLocalIterator``).
 """
 
 from __future__ import annotations
@@ -316,13 +317,10 @@ def save_model(
         manifest = _write_staging(src, staging_file, chunk_size)
         df = spark.read.parquet(str(staging_root))
         writer = df.write.format("delta").mode("overwrite" if mode == "overwrite" else "errorifexists")
-        if ref.is_path:
-            writer.save(ref.name)
-        else:
-            if "." in ref.name:
-                db = ref.name.rsplit(".", 1)[0]
-                spark.sql(f"CREATE DATABASE IF NOT EXISTS {db}")
-            writer.saveAsTable(ref.name)
+        if not ref.is_path and "." in ref.name:
+            spark.sql(f"CREATE DATABASE IF NOT EXISTS {ref.name.rsplit('.', 1)[0]}")
+        with _page_per_row(spark):
+            writer.save(ref.name) if ref.is_path else writer.saveAsTable(ref.name)
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     version = latest_version(spark, table)
@@ -335,6 +333,28 @@ def save_model(
         version,
     )
     return version
+
+
+# Parquet checks a page's size only every 100 values by default: 100 chunks of 4 MiB make a
+# 400 MiB page, compressed into a growing byte array, which overflows Spark's default 2 GB
+# driver heap for a ~1 GB model. Delta drops writer options but copies session SQL confs into
+# the write's Hadoop conf, so these are set on the session for the duration of the write.
+_PAGE_PER_ROW = {"parquet.page.size.row.check.min": "1", "parquet.page.size.row.check.max": "1"}
+
+
+@contextmanager
+def _page_per_row(spark: SparkSession) -> Iterator[None]:
+    saved = {k: spark.conf.get(k, None) for k in _PAGE_PER_ROW}
+    for k, v in _PAGE_PER_ROW.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
 
 
 def _table_exists(spark: SparkSession, ref: TableRef) -> bool:
@@ -472,7 +492,7 @@ def _open_parquet(uri: str, *, where: str) -> Iterator[Any]:
             "register the latest version, or save the model again"
         ) from exc
     with fh:
-        pf = pq.ParquetFile(fh, buffer_size=1 << 20)
+        pf = pq.ParquetFile(fh, buffer_size=1 << 20, pre_buffer=False)  # stream page by page
         names = pf.schema_arrow.names
         missing = [c for c in COLUMNS if c not in names]
         if missing:

@@ -175,7 +175,8 @@ def test_restarted_actor_serves_again(spark, linear_table, slow, progress):
 
 
 def test_ray_kill_actor_mid_query_loses_nothing(spark, linear_table, tmp_path):
-    """ray.kill(handle) (no restart) mid-query: the query completes on the other actor."""
+    """ray.kill(handle) (no restart) mid-query: the query completes on the other actor, and
+    the pool starts a replacement, which the next query uses."""
     import ray
 
     progress = tmp_path / "progress"
@@ -198,11 +199,16 @@ def test_ray_kill_actor_mid_query_loses_nothing(spark, linear_table, tmp_path):
             after = helpers.progress_pids(progress)[done_at_kill:]
             assert after and victim not in after[2:], "batches kept going, not to the dead actor"
             assert helpers.wait_gone([victim]) == []
-            # the next query (fresh tasks, the dead actor still listed) completes as well
+            # the driver's watcher replaces the actor Ray will not restart: the pool is 2 again
+            helpers.wait_for(lambda: model._pool.replaced == 1, 60, "a replacement actor")
+            pids = set(model.actor_pids())
+            assert len(pids) == 2 and victim not in pids
+            before = len(helpers.progress_pids(progress))
             rows = spark.sql(
                 "select id, fault_raykill(features) as label from fault_events"
             ).collect()
             assert_all_predicted(rows, linear_table.model)
+            assert set(helpers.progress_pids(progress)[before:]) == pids
 
 
 def test_every_retry_failing_fails_the_job_naming_function_and_cause(spark, linear_table):
@@ -339,8 +345,10 @@ def _model_state(model: RayModel) -> tuple[list[int], list[str], str]:
     )
 
 
-def test_close_leaves_no_actor_folder_or_pinned_model(spark, linear_table):
-    """After close(): no actor process, no directory actor, no folder, no pinned model chunk."""
+@pytest.mark.parametrize("source", ["auto", "object_store"])
+def test_close_leaves_no_actor_folder_or_pinned_model(spark, linear_table, source):
+    """After close(): no actor process, no directory actor, no folder, no pinned model chunk.
+    ('auto' here reads the table's files in the actors: the driver pins no chunk at all.)"""
     import ray
 
     events_view(spark, "fault_small", n=10, partitions=1)
@@ -348,14 +356,15 @@ def test_close_leaves_no_actor_folder_or_pinned_model(spark, linear_table):
     dirs_before = helpers.actor_processes("Directory")
     model = register_ray_model(
         spark, linear_table.table, "fault_leak", init_linear, apply_linear,
-        return_type="bigint", num_actors=2,
+        return_type="bigint", num_actors=2, model_source=source,
     )
     spark.sql("select fault_leak(features) from fault_small").collect()
     pids, model_dirs, work_root = _model_state(model)
     workers = helpers.actor_processes("ModelWorker") - workers_before
     directory = helpers.actor_processes("Directory") - dirs_before
     chunk_ids = {ref.hex() for ref in model._pool.stored.chunks.values()}
-    assert workers == set(pids) and len(directory) == 1 and chunk_ids
+    assert workers == set(pids) and len(directory) == 1
+    assert bool(chunk_ids) == (source == "object_store")
     assert all(Path(d).is_dir() for d in model_dirs) and Path(work_root).is_dir()
     assert Path(work_root) in helpers.work_roots("fault_leak")
 

@@ -627,3 +627,28 @@ def test_vacuumed_data_file_is_named(spark: Any, fresh_table: str, tmp_path: Pat
     os.remove(gone.removeprefix("file:"))
     with pytest.raises(ModelNotFoundError, match=r"its data file .* is gone"):
         list(rows_from_files(located.files, where=f"{fresh_table}@v0"))
+
+
+def test_one_gigabyte_model_round_trip_with_the_default_heap(spark: Any, tmp_path: Path) -> None:
+    """A 1 GiB file (256 chunks of 4 MiB) saves and loads with the test session's 2 GB driver
+    heap: one chunk per Parquet page on write, pyarrow page by page on read (the same model
+    overflowed the heap on both sides before)."""
+    from spark_ray_udf.store import _sha256_file
+
+    src = tmp_path / "big"
+    src.mkdir()
+    with open(src / "table.bin", "wb") as fh:
+        for _ in range(256):
+            fh.write(os.urandom(4 << 20))
+    digest = _sha256_file(src / "table.bin")
+    table = str(tmp_path / "big_table")
+    try:
+        version = save_model(spark, src, table)
+        shutil.rmtree(src)
+        stored = load_model(spark, table, tmp_path / "out")
+        assert stored.version == version and stored.manifest.files[0].num_chunks == 256
+        assert (tmp_path / "out" / "table.bin").stat().st_size == 1 << 30
+        assert _sha256_file(tmp_path / "out" / "table.bin") == digest
+    finally:
+        for p in (src, tmp_path / "out", Path(table)):
+            shutil.rmtree(p, ignore_errors=True)
