@@ -408,7 +408,7 @@ def plan(s1: Scenario | None, s2: Scenario | None, s5: Scenario | None, cores: i
     return lines
 
 
-def summary(scenarios: dict[str, Scenario], elapsed: float, out: Path) -> str:
+def summary(scenarios: dict[str, Scenario], elapsed: float, out: Path, *, quiet: bool = False) -> str:
     lines = [f"spark-ray-udf benchmarks ({elapsed / 60:.1f} min) -> {out / 'benchmarks.md'}, {out / 'benchmarks.png'}"]
     for key, sc in scenarios.items():
         if sc.results and key in ("S1", "S2"):
@@ -417,5 +417,6 @@ def summary(scenarios: dict[str, Scenario], elapsed: float, out: Path) -> str:
         for tg in sc.targets:
             status = "met" if tg.met else "MISSED"
             lines.append(f"  {tg.name}: {tg.measured} (goal {tg.goal}) -> {status}")
-    lines.append("  (shared, noisy 2-core machine: re-measure on a quiet machine before quoting)")
+    if not quiet:
+        lines.append("  (shared, noisy 2-core machine: re-measure on a quiet machine before quoting)")
     return "\n".join(lines)

@@ -95,7 +95,21 @@ def write_markdown(
     why: dict[str, str],
     plan: list[str],
     dominates: list[str],
+    load_at_start: float | None = None,
 ) -> None:
+    if load_at_start is not None and load_at_start < 0.5:
+        caveat = (
+            f"> **Machine.** No other job ran when this run started (1-minute load average "
+            f"{load_at_start:.2f}); the spread column shows the run-to-run noise that remains on 2 "
+            "cores shared by the JVM, the Python workers and Ray."
+        )
+    else:
+        load = f" (1-minute load average {load_at_start:.2f} at the start)" if load_at_start is not None else ""
+        caveat = (
+            f"> **Caveat.** These numbers were measured on a shared 2-core machine while other jobs "
+            f"were running on it{load}; the spread column shows how noisy each contender was. "
+            "Re-measure on a quiet machine before quoting them."
+        )
     lines = [
         "# Benchmarks: spark-ray-udf against the alternatives",
         "",
@@ -106,9 +120,7 @@ def write_markdown(
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + ".",
         "",
-        "> **Caveat.** These numbers were measured on a shared 2-core machine while other Spark and Ray "
-        "jobs were running on it; the spread column shows how noisy each contender was. Re-measure "
-        "on a quiet machine before quoting them.",
+        caveat,
         "",
         "How to read: every scenario runs every contender on the same rows, with the same Spark "
         "configuration and cores, in one process tree; one warm-up pass per contender, then "
@@ -272,7 +284,7 @@ def write_chart(path: Path, scenarios: dict[str, Scenario]) -> None:
     for row in axes:
         for ax in row:
             ax.tick_params(labelsize=8)
-    fig.suptitle("spark-ray-udf benchmarks (shared 2-core machine: re-measure on a quiet one)", fontsize=12)
+    fig.suptitle("spark-ray-udf benchmarks (2 cores, no GPU; see docs/benchmarks.md)", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

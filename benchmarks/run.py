@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(saved, "rb") as f:
             state = pickle.load(f)
         return _write(out, **state)
+    load_at_start = os.getloadavg()[0]  # other jobs on the machine: said in the report
     started = time.perf_counter()
     sampler = Sampler().start()
     bench = Bench(root=ROOT, data=data, cfg=cfg, sampler=sampler)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     ordered = {k: scenarios[k] for k in ("S1", "S2", "S3", "S4", "S5") if k in scenarios}
     state = dict(scenarios=ordered, profile=profile, cfg=cfg, elapsed=elapsed, versions=_versions(),
-                 failures=failures)
+                 failures=failures, load_at_start=load_at_start)
     try:
         with open(saved, "wb") as f:
             pickle.dump(state, f)
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     return _write(out, **state)
 
 
-def _write(out: Path, *, scenarios, profile, cfg, elapsed, versions, failures) -> int:  # noqa: ANN001
+def _write(out: Path, *, scenarios, profile, cfg, elapsed, versions, failures,  # noqa: ANN001
+           load_at_start=None) -> int:
     from benchmarks import analysis, report
 
     texts = analysis.explain(scenarios, profile, cfg)
@@ -172,10 +174,15 @@ def _write(out: Path, *, scenarios, profile, cfg, elapsed, versions, failures) -
     report.write_markdown(
         out / "benchmarks.md", scenarios, profile=profile, cfg=cfg, elapsed_s=elapsed,
         versions=versions, why=texts.why, plan=texts.plan, dominates=texts.dominates,
+        load_at_start=load_at_start,
     )
     report.write_chart(out / "benchmarks.png", scenarios)
-    print(analysis.summary(scenarios, elapsed, out))
+    print(analysis.summary(scenarios, elapsed, out, quiet=_quiet(load_at_start)))
     return 1 if failures else 0
+
+
+def _quiet(load: float | None) -> bool:
+    return load is not None and load < 0.5
 
 
 if __name__ == "__main__":
