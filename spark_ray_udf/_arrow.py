@@ -267,7 +267,17 @@ def _convert(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
     if pa.types.is_struct(t):
         return _convert_struct(result, t, n, where=where)
     if hasattr(result, "to_numpy") and not isinstance(result, (pa.Array, pa.ChunkedArray)):
-        result = result.to_numpy()  # pandas Series, tf.Tensor
+        dtype = getattr(result, "dtype", None)
+        if type(result).__module__.startswith("pandas") and not isinstance(dtype, np.dtype):
+            # nullable pandas dtypes (Int64, boolean, string, ...): <NA> becomes null
+            try:
+                result = pa.array(result)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise ModelApplyError(
+                    f"{where}: cannot convert a pandas result of dtype {dtype} to Arrow: {exc}"
+                ) from exc
+        else:
+            result = result.to_numpy()  # pandas Series with a numpy dtype, tf.Tensor
     if isinstance(result, pa.ChunkedArray):
         result = result.combine_chunks()
     got = _length(result)

@@ -609,3 +609,24 @@ def test_empty_result_has_the_return_type() -> None:
     """empty_result gives a zero-length array of the declared type."""
     out = empty_result(STRUCT)
     assert len(out) == 0 and out.type == STRUCT
+
+
+@pytest.mark.parametrize(
+    ("series", "return_type", "expected"),
+    [
+        (pd.Series([1, None, 3], dtype="Int64"), pa.int64(), [1, None, 3]),
+        (pd.Series([1, None, 3], dtype="Int64"), pa.float64(), [1.0, None, 3.0]),
+        (pd.Series([True, None, False], dtype="boolean"), pa.bool_(), [True, None, False]),
+        (pd.Series(["a", None, "c"], dtype="string"), pa.string(), ["a", None, "c"]),
+        (pd.Series([0.5, float("nan"), 2.0]), pa.float64(), [0.5, float("nan"), 2.0]),
+    ],
+)
+def test_pandas_nullable_results_become_nulls(series, return_type, expected):
+    """pandas' nullable dtypes: <NA> is null; a plain float NaN stays NaN (it is a value)."""
+    got = to_result_array(series, return_type, 3, function="f").to_pylist()
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        if isinstance(e, float) and np.isnan(e):
+            assert isinstance(g, float) and np.isnan(g)
+        else:
+            assert g == e
