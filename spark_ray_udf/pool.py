@@ -357,6 +357,8 @@ class ModelPool:
         keeps its size; checks every ``WATCH_S`` (one GCS lookup per actor, no actor call)."""
         wait = WATCH_S
         while not self._stop.wait(wait):
+            if not ray.is_initialized():  # ray.shutdown() in this process: nothing to watch
+                return
             try:
                 self.replace_dead()
                 self.last_watch_error, wait = None, WATCH_S
