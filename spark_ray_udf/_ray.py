@@ -121,8 +121,10 @@ def ensure_ray(address: str | None = None) -> str:
     with _lock:
         if ray.is_initialized():
             current = str(ray.get_runtime_context().gcs_address)
-            _check_same_cluster(address, current)
-            return current
+            if _alive(current):
+                _check_same_cluster(address, current)
+                return current
+            _disconnect_lost(current, who="the driver")
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
             check_reachable(address)
@@ -139,6 +141,24 @@ def ensure_ray(address: str | None = None) -> str:
             )
         stop_error_listener()
         return str(ray.get_runtime_context().gcs_address)
+
+
+def _alive(address: str) -> bool:
+    """True if the GCS at ``address`` accepts a TCP connection within 2 s."""
+    try:
+        check_reachable(address, timeout_s=2.0)
+    except RayUnavailableError:
+        return False
+    return True
+
+
+def _disconnect_lost(address: str, *, who: str) -> None:
+    """Leave a Ray whose GCS is gone (stopped or crashed), so this process can join another;
+    without this, Ray itself would end the process once the GCS stays away for 60 s."""
+    import ray
+
+    log.warning("%s: the Ray at %s is gone; disconnecting from it", who, address)
+    ray.shutdown()
 
 
 def auth_mode() -> str:
@@ -163,12 +183,15 @@ def connect_worker(address: str, *, who: str, auth: str = "") -> None:
     with _lock:
         if ray.is_initialized():
             current = str(ray.get_runtime_context().gcs_address)
-            if current != address:
+            if current != address and not _alive(current):
+                _disconnect_lost(current, who=who)  # Ray restarted: join the new one below
+            elif current != address:
                 raise RayUnavailableError(
                     f"{who}: this process is already connected to the Ray at {current}, but the "
                     f"function's pool lives at {address}; one process can serve one Ray cluster"
                 )
-            return
+            else:
+                return
         check_reachable(address, who=who)
         ray.init(
             address=address,

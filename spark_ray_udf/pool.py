@@ -357,8 +357,8 @@ class ModelPool:
         keeps its size; checks every ``WATCH_S`` (one GCS lookup per actor, no actor call)."""
         wait = WATCH_S
         while not self._stop.wait(wait):
-            if not ray.is_initialized():  # ray.shutdown() in this process: nothing to watch
-                return
+            if not ray.is_initialized() or _current_gcs() != self.gcs_address:
+                return  # ray.shutdown() here, or the pool's Ray was lost: nothing to watch
             try:
                 self.replace_dead()
                 self.last_watch_error, wait = None, WATCH_S
@@ -372,13 +372,18 @@ class ModelPool:
     def replace_dead(self) -> list[int]:
         """Start a new actor (same version) for each actor of the serving generation that is dead
         for good, publish the repaired generation, and return the replaced indices."""
+        if self.closed:
+            raise PoolClosedError(f"{self.function}: the pool is closed")
+        old = self.generation
+        # GCS lookups outside the lock: close() never waits for them
+        dead = [i for i, a in enumerate(old.actors) if actor_state(a) == "DEAD"]
+        if not dead:
+            return []
         with self._lock:
             if self.closed:
                 raise PoolClosedError(f"{self.function}: the pool is closed")
-            old = self.generation
-            dead = [i for i, a in enumerate(old.actors) if actor_state(a) == "DEAD"]
-            if not dead:
-                return []
+            if self.generation is not old:
+                return []  # a swap or close happened meanwhile: look again at the next check
             log.warning("%s: actors %s are dead for good; starting replacements", self.function, dead)
             fresh, infos = start_actors(
                 self.spec, self.stored, num_actors=len(dead), options=self.actor_options,
@@ -455,7 +460,9 @@ class ModelPool:
             if self.closed:
                 return
             self.closed = True
-        if ray.is_initialized():  # else Ray stopped them (e.g. ray.shutdown() before atexit)
+        # Else Ray stopped them: ray.shutdown() before atexit, or the pool's Ray was lost and
+        # this process has joined another one since (the old handles mean nothing there).
+        if ray.is_initialized() and _current_gcs() == self.gcs_address:
             stop_actors(self.generation.actors)
             try:
                 ray.kill(self.directory, no_restart=True)
@@ -520,6 +527,10 @@ def start_actors(
         max(i.load_seconds for i in infos),
     )
     return actors, list(infos)
+
+
+def _current_gcs() -> str:
+    return str(ray.get_runtime_context().gcs_address)
 
 
 def actor_state(actor: Any) -> str:

@@ -440,14 +440,16 @@ def register_ray_model(
         extra=(max_in_flight, float(call_timeout_s), max_retries, ray_address, refresh_seconds),
     )
     fingerprint = settings.key(resolved)
+    # Also checks that the Ray this driver uses still answers (a TCP connect); after a Ray crash
+    # it joins or starts a new one, and a pool of the lost Ray is never reused.
+    gcs_address = _ray.ensure_ray(ray_address)
     if existing is not None and not existing.closed:
-        if existing._fingerprint == fingerprint:
+        if existing._fingerprint == fingerprint and existing.address.ray_address == gcs_address:
             existing._register(spark)
             log.info("%s: reusing the running pool for %s@v%d", name, table, resolved)
             return existing
         log.info("%s: replacing the pool of %s@v%d", name, existing.table, existing.version)
 
-    gcs_address = _ray.ensure_ray(ray_address)
     stored = _stored_for_actors(spark, table, resolved, model_source)
     spec = replace(spec, manifest=stored.manifest, files=stored.files)
     settings = replace(settings, spec=spec)

@@ -312,6 +312,86 @@ spark.stop()
 """
 
 
+RAY_RESTART_APP = """
+import json, sys, time
+from pathlib import Path
+
+import psutil
+
+from spark_ray_udf import register_ray_model, save_model
+from spark_ray_udf.testing import apply_linear, init_linear, local_spark, make_linear_model
+from tests import helpers
+
+tmp = Path(sys.argv[1])
+spark = local_spark("ray-restart", warehouse_dir=str(tmp / "wh"))
+linear = make_linear_model(tmp / "m")
+save_model(spark, tmp / "m", str(tmp / "model"))
+
+def register():
+    return register_ray_model(
+        spark, str(tmp / "model"), "model_again", init_linear, apply_linear,
+        return_type="bigint", num_actors=1,
+    )
+
+model = register()
+df = spark.range(0, 300, 1, 2).selectExpr("id", helpers.features_sql() + " as features")
+first = sorted(df.select("id", model("features").alias("c")).collect())
+me = psutil.Process()
+java = [j for j in me.children() if j.name() == "java"]
+spark_side = {p.pid for j in java for p in [j, *j.children(True)]}
+
+def pyspark_workers():
+    found = set()
+    for p in (p for j in java for p in j.children(True)):
+        try:
+            if "pyspark" in " ".join(p.cmdline()):
+                found.add(p.pid)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return found
+
+workers = pyspark_workers()
+ray_side = [p for p in me.children(recursive=True) if p.pid not in spark_side]
+out = {"old_gcs": model.address.ray_address, "killed": sorted({p.name() for p in ray_side})}
+for p in ray_side:  # Ray crashes: every process of it, the driver and Spark stay
+    p.kill()
+psutil.wait_procs(ray_side, timeout=10)
+start = time.monotonic()
+again = register()
+out["reused"] = again is model
+out["new_gcs"] = again.address.ray_address
+rows = sorted(df.select("id", again("features").alias("c")).collect())
+out["seconds"] = time.monotonic() - start
+out["equal"] = rows == first and [r.c for r in rows] == helpers.expected_classes(linear, list(range(300)))
+out["workers_kept"] = len(workers & pyspark_workers())
+again.close()
+print("RESULT " + json.dumps(out), flush=True)
+spark.stop()
+"""
+
+
+@pytest.mark.slow
+def test_register_again_after_ray_crashed_serves_from_a_new_ray(tmp_path):
+    """Ray's processes all killed between queries (own Spark+Ray in a subprocess): registering
+    again does not reuse the lost pool; it starts a new Ray, and Spark's Python workers that
+    were connected to the lost one leave it and join the new one (within Ray's 60 s limit, after
+    which Ray itself would end them)."""
+    script = tmp_path / "ray_restart_app.py"
+    script.write_text(RAY_RESTART_APP)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=helpers.subprocess_env(),
+        capture_output=True, text=True, timeout=480,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    out = json.loads(lines[0][len("RESULT "):])
+    assert {"gcs_server", "raylet"} <= set(out["killed"])
+    assert not out["reused"] and out["new_gcs"] != out["old_gcs"]
+    assert out["equal"], "the query on the new Ray must give the model's predictions"
+    assert out["workers_kept"] >= 1, "the Python workers of the first query should have served"
+    assert out["seconds"] < 45, f"re-registering and querying took {out['seconds']:.1f}s"
+
+
 @pytest.mark.slow
 def test_ray_killed_mid_query_fails_within_call_timeout(tmp_path):
     """Ray's processes killed mid-query (own Spark+Ray in a subprocess): a named error, fast."""
