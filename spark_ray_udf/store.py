@@ -344,17 +344,17 @@ _PAGE_PER_ROW = {"parquet.page.size.row.check.min": "1", "parquet.page.size.row.
 
 @contextmanager
 def _page_per_row(spark: SparkSession) -> Iterator[None]:
-    saved = {k: spark.conf.get(k, None) for k in _PAGE_PER_ROW}
+    saved: dict[str, str | None] = {k: spark.conf.get(k, None) for k in _PAGE_PER_ROW}
     for k, v in _PAGE_PER_ROW.items():
         spark.conf.set(k, v)
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                spark.conf.unset(k)
+        for key, old in saved.items():
+            if old is None:
+                spark.conf.unset(key)
             else:
-                spark.conf.set(k, v)
+                spark.conf.set(key, old)
 
 
 def _table_exists(spark: SparkSession, ref: TableRef) -> bool:
@@ -462,7 +462,16 @@ def _spark_rows(df: DataFrame, where: str) -> Iterator[ChunkRow]:
     if missing:
         raise _not_model_table(where, missing, df.columns)
     for r in df.select(*COLUMNS).toLocalIterator(prefetchPartitions=False):
-        yield ChunkRow(*r[:-1], bytes(r.data) if r.data is not None else b"")
+        yield ChunkRow(
+            kind=r.kind,
+            path=r.path,
+            chunk_index=r.chunk_index,
+            num_chunks=r.num_chunks,
+            file_size=r.file_size,
+            file_sha256=r.file_sha256,
+            chunk_sha256=r.chunk_sha256,
+            data=bytes(r.data) if r.data is not None else b"",
+        )
 
 
 def rows_from_files(files: Sequence[str], *, where: str) -> Iterator[ChunkRow]:

@@ -106,6 +106,11 @@ def _make_udf(address: PoolAddress, spark_type: DataType) -> Any:
 
 
 def _local_only(uri: str) -> bool:
+    """True for a file on this machine's disk (which actors on other machines cannot read).
+
+    >>> _local_only("file:/tmp/t/part-0.parquet"), _local_only("s3a://bucket/t/part-0.parquet")
+    (True, False)
+    """
     return uri.startswith("file:") or "://" not in uri
 
 
@@ -413,7 +418,7 @@ def register_ray_model(
         and existing.table == table
         and existing.version == version
     )
-    resolved = version if pinned else resolve_version(spark, table, version)
+    resolved = version if pinned and version is not None else resolve_version(spark, table, version)
     token = uuid.uuid4().hex[:12]
     namespace = f"spark-ray-udf.{name}.{token}"
     spec = WorkerSpec(
