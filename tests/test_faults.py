@@ -211,6 +211,47 @@ def test_ray_kill_actor_mid_query_loses_nothing(spark, linear_table, tmp_path):
             assert set(helpers.progress_pids(progress)[before:]) == pids
 
 
+def test_replacement_that_cannot_load_is_reported_and_retried(spark, tmp_path):
+    """The table's files removed under a serving pool (as an early VACUUM would), then its only
+    actor killed for good: the watcher's replacement cannot read the version; the error names
+    the missing file and is kept in last_watch_error while the watcher retries; once the files
+    are back, the retry succeeds and the pool serves again."""
+    import shutil
+
+    import ray
+
+    from spark_ray_udf import ModelNotFoundError, save_model
+    from spark_ray_udf.testing import make_linear_model
+
+    linear = make_linear_model(tmp_path / "m", seed=4)
+    table = tmp_path / "vacuumed"
+    save_model(spark, tmp_path / "m", str(table))
+    events_view(spark, "fault_vacuumed", n=50, partitions=1)
+    with register_ray_model(
+        spark, str(table), "fault_vacuumed", init_linear, apply_linear,
+        return_type="bigint", num_actors=1,
+    ) as model:
+        assert model._pool.stored.files  # the actors read the table's files
+        backup = tmp_path / "backup"
+        shutil.copytree(table, backup)
+        for f in table.glob("*.parquet"):
+            f.unlink()
+        ray.kill(model._pool.generation.actors[0])
+        helpers.wait_for(lambda: model._pool.last_watch_error is not None, 60, "the watcher's error")
+        err = model._pool.last_watch_error
+        assert isinstance(err, ModelNotFoundError), repr(err)
+        assert f"{table}@v0: its data file file:{table}/" in str(err) and "is gone" in str(err)
+        assert model._pool.replaced == 0
+        for f in backup.glob("*.parquet"):
+            shutil.copy(f, table / f.name)
+        helpers.wait_for(
+            lambda: model._pool.replaced == 1 and model._pool.last_watch_error is None,
+            90, "the retried replacement",
+        )
+        rows = spark.sql("select id, fault_vacuumed(features) as label from fault_vacuumed").collect()
+        assert_all_predicted(rows, linear, n=50)
+
+
 def test_every_retry_failing_fails_the_job_naming_function_and_cause(spark, linear_table):
     """apply_func killing its actor on every batch: the job fails in bounded time, saying why."""
     from pyspark.errors import PySparkException
