@@ -662,6 +662,20 @@ def write_model(rows: Iterator[ChunkRow], dest: str | os.PathLike[str], *, where
     Each chunk is written at its offset in its file (chunk ``i`` of ``n`` starts at ``i`` times
     the length of a full chunk; the last one ends at the file's size), so nothing is buffered.
     On an error the caller removes ``dest``'s content.
+
+    >>> import hashlib, tempfile
+    >>> sha = lambda b: hashlib.sha256(b).hexdigest()
+    >>> body = b"hello world"
+    >>> m = Manifest(files=(ModelFile("a.txt", 11, sha(body), 2),), dirs=(), chunk_size=8)
+    >>> rows = [ChunkRow("file", "a.txt", 1, 2, 11, sha(body), sha(b"rld"), b"rld"),
+    ...         ChunkRow("manifest", "", 0, 1, 0, "", "", m.to_json()),
+    ...         ChunkRow("file", "a.txt", 0, 2, 11, sha(body), sha(b"hello wo"), b"hello wo")]
+    >>> dest = tempfile.mkdtemp()
+    >>> write_model(iter(rows), dest, where="t@v0") == m
+    True
+    >>> (Path(dest) / "a.txt").read_bytes()
+    b'hello world'
+    >>> shutil.rmtree(dest)
     """
     root = Path(dest).resolve()
     handles: dict[str, int] = {}
