@@ -303,6 +303,20 @@ def test_close_mid_query_fails_fast_with_pool_closed(spark, linear_table, tmp_pa
     assert query.ended - t_close < 30, f"took {query.ended - t_close:.1f}s after close()"
 
 
+def run_app(tmp_path: Path, name: str, text: str) -> dict[str, Any]:
+    """Run ``text`` as a script with its own Spark and Ray; return the JSON it printed after
+    ``RESULT ``."""
+    script = tmp_path / name
+    script.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=helpers.subprocess_env(),
+        capture_output=True, text=True, timeout=480,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[0][len("RESULT "):])
+
+
 RAY_GONE_APP = """
 import json, sys, threading, time
 from pathlib import Path
@@ -417,15 +431,7 @@ def test_register_again_after_ray_crashed_serves_from_a_new_ray(tmp_path):
     again does not reuse the lost pool; it starts a new Ray, and Spark's Python workers that
     were connected to the lost one leave it and join the new one (within Ray's 60 s limit, after
     which Ray itself would end them)."""
-    script = tmp_path / "ray_restart_app.py"
-    script.write_text(RAY_RESTART_APP)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=helpers.subprocess_env(),
-        capture_output=True, text=True, timeout=480,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    out = json.loads(lines[0][len("RESULT "):])
+    out = run_app(tmp_path, "ray_restart_app.py", RAY_RESTART_APP)
     assert {"gcs_server", "raylet"} <= set(out["killed"])
     assert not out["reused"] and out["new_gcs"] != out["old_gcs"]
     assert out["equal"], "the query on the new Ray must give the model's predictions"
@@ -437,15 +443,7 @@ def test_register_again_after_ray_crashed_serves_from_a_new_ray(tmp_path):
 def test_ray_killed_mid_query_fails_within_call_timeout(tmp_path):
     """Ray's processes killed mid-query (own Spark+Ray in a subprocess): a named error, fast."""
     call_timeout_s = 10
-    script = tmp_path / "ray_gone_app.py"
-    script.write_text(RAY_GONE_APP.replace("CALL_TIMEOUT_S", str(call_timeout_s)))
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=helpers.subprocess_env(),
-        capture_output=True, text=True, timeout=480,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    out = json.loads(lines[0][len("RESULT "):])
+    out = run_app(tmp_path, "ray_gone_app.py", RAY_GONE_APP.replace("CALL_TIMEOUT_S", str(call_timeout_s)))
     assert {"gcs_server", "raylet"} <= set(out["killed"])
     assert not out["alive"], "the query hangs after Ray was killed"
     assert "rows" not in out, "the query cannot complete without its actor"
