@@ -270,12 +270,7 @@ def _convert(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
         dtype = getattr(result, "dtype", None)
         if type(result).__module__.startswith("pandas") and not isinstance(dtype, np.dtype):
             # nullable pandas dtypes (Int64, boolean, string, ...): <NA> becomes null
-            try:
-                result = pa.array(result)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-                raise ModelApplyError(
-                    f"{where}: cannot convert a pandas result of dtype {dtype} to Arrow: {exc}"
-                ) from exc
+            result = _to_arrow(result, f"a pandas result of dtype {dtype}", where=where)
         else:
             result = result.to_numpy()  # pandas Series with a numpy dtype, tf.Tensor
     if isinstance(result, pa.ChunkedArray):
@@ -300,13 +295,15 @@ def _convert(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
                 f"{where}: got an array of shape {values.shape} for return type {t}; reduce it "
                 "to one value per row (e.g. .argmax(axis=1)) or declare return_type='array<double>'"
             )
-        try:
-            arr = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise ModelApplyError(
-                f"{where}: cannot convert values of dtype {values.dtype} to Arrow: {exc}"
-            ) from exc
+        arr = _to_arrow(values, f"values of dtype {values.dtype}", where=where)
     return _cast(arr, t, where=where)
+
+
+def _to_arrow(values: Any, what: str, *, where: str) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ModelApplyError(f"{where}: cannot convert {what} to Arrow: {exc}") from exc
 
 
 def _cast(arr: pa.Array, t: pa.DataType, *, where: str) -> pa.Array:
