@@ -134,6 +134,9 @@ def ensure_ray(address: str | None = None) -> str:
             log.info("starting a local Ray on 127.0.0.1 (dashboard off)")
             _loopback_only()
             ray.init(
+                # "local": never join a cluster some `ray start` left on this machine (address
+                # None would, through /tmp/ray/ray_current_cluster)
+                address="local",
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",
                 log_to_driver=False,
