@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+from typing import Any
 
 from spark_ray_udf.errors import RayUnavailableError
 
@@ -223,3 +224,52 @@ def stop_error_listener() -> None:
     thread = getattr(global_worker, "listener_thread", None)
     if isinstance(stopped, threading.Event) and isinstance(thread, threading.Thread):
         stopped.set()  # the thread returns after its current poll; ray.shutdown() clears it
+
+
+KV_TIMEOUT_S = 10.0
+
+
+def _gcs_client() -> Any:
+    """Ray's GCS client of this process (after ``ray.init``)."""
+    from ray.experimental import internal_kv
+
+    return internal_kv.internal_kv_get_gcs_client()
+
+
+def kv_put(key: bytes, value: bytes, *, namespace: str, timeout_s: float = KV_TIMEOUT_S) -> None:
+    """Store ``value`` under ``key`` in Ray's GCS key-value store (raw bytes, never pickled).
+
+    Ray's KV store is reachable only through ``ray.experimental.internal_kv``; it is what Ray
+    itself uses for cluster metadata, and what Serve uses for its checkpoints.
+    """
+    _gcs_client().internal_kv_put(key, value, True, namespace.encode(), timeout=timeout_s)
+
+
+def kv_get(key: bytes, *, namespace: str, timeout_s: float = KV_TIMEOUT_S) -> bytes | None:
+    """The raw bytes under ``key`` (None when absent); see :func:`kv_put`."""
+    value = _gcs_client().internal_kv_get(key, namespace.encode(), timeout=timeout_s)
+    return None if value is None else bytes(value)
+
+
+def kv_del(key: bytes, *, namespace: str, timeout_s: float = KV_TIMEOUT_S) -> None:
+    """Remove ``key``; see :func:`kv_put`."""
+    _gcs_client().internal_kv_del(key, False, namespace.encode(), timeout=timeout_s)
+
+
+def actor_id_of(handle: Any) -> str:
+    """The hex id of an actor handle (Ray has no public accessor on the handle)."""
+    return str(handle._actor_id.hex())
+
+
+def actor_info(handle: Any) -> dict[str, Any]:
+    """Ray's GCS record of an actor (``State``, ``NumRestarts``, ...; empty when unknown),
+    without calling the actor and without the dashboard (the state API needs it)."""
+    from ray._private import state
+
+    info = state.actors(actor_id_of(handle))
+    return dict(info) if info else {}
+
+
+def actor_restarts(handle: Any) -> int:
+    """How many times Ray restarted the actor."""
+    return int(actor_info(handle).get("NumRestarts", 0) or 0)

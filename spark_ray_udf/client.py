@@ -1,11 +1,13 @@
 """The executor side: what runs in Spark's Python workers for every task of the SQL function.
 
 A :class:`PoolClient` is cached once per Python worker process (see :func:`get_client`), keyed
-by the :class:`PoolAddress` that travelled in the UDF closure. It connects to Ray once, finds
-the pool's :class:`~spark_ray_udf.pool.Directory` by name in the pool's namespace, and for every
-task streams the task's Arrow batches to the actors:
+by the :class:`~spark_ray_udf._contract.PoolAddress` that travelled in the UDF closure. It
+connects to Ray once, reads the pool's signed directory entry (refusing one that the pool's
+registrant did not write) and looks its actors up by name, checking each actor's id; for every
+task it streams the task's Arrow batches to the actors:
 
-* each batch goes to the least-loaded actor (:func:`~spark_ray_udf._dispatch.choose_actor`);
+* which actor gets a batch is the :class:`~spark_ray_udf.router.Router`'s choice (least loaded,
+  then on this node, then rotation); this module only does the transport and the waits;
 * up to ``max_in_flight`` batches per task are in flight, so Spark ships batch k+1 while an
   actor computes batch k;
 * results come back in input order;
@@ -16,7 +18,11 @@ task streams the task's Arrow batches to the actors:
   ``PROBE_S`` that Ray's GCS still accepts connections, so a stopped Ray fails the task in
   seconds with :class:`~spark_ray_udf.errors.RayUnavailableError`.
 
-This is the one piece of per-process state in the library; :func:`clear_clients` empties it.
+Rows are numbered within the task's partition: an error names ``partition P`` (Spark's
+``spark_partition_id()``) and the row's offset in it.
+
+This is the one piece of per-process state in the library: a bounded cache of clients,
+:func:`clear_clients` empties it.
 """
 
 from __future__ import annotations
@@ -25,41 +31,33 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import pyarrow as pa
 
-from spark_ray_udf._dispatch import choose_actor
+from spark_ray_udf._contract import ENTRY_KEY, ActorRef, PoolAddress, decode_entry
 from spark_ray_udf.errors import (
     CallTimeoutError,
     InputError,
     ModelApplyError,
     PoolClosedError,
+    PoolIntegrityError,
     RayUnavailableError,
     RetriesExhaustedError,
     SparkRayUdfError,
 )
+from spark_ray_udf.router import Router, retries_left
 
 log = logging.getLogger(__name__)
 
 PROBE_S = 2.0  # while a call is out, check this often that Ray's GCS still accepts connections
+MAX_CLIENTS = 64  # clients cached per process (one per registered pool it served)
+KV_NAMESPACE = "spark-ray-udf"  # same as pool.KV_NAMESPACE (the pool module needs the driver)
 
-
-class PoolAddress(NamedTuple):
-    """Where a function's pool lives and how to call it; small and picklable, it travels in
-    the UDF closure (an actor handle cannot be unpickled before ``ray.init``)."""
-
-    function: str
-    ray_address: str
-    namespace: str
-    token: str
-    auth_mode: str
-    max_in_flight: int
-    call_timeout_s: float
-    max_retries: int
+__all__ = ["PoolAddress", "PoolClient", "clear_clients", "get_client", "predict_batches"]
 
 
 @dataclass
@@ -72,6 +70,21 @@ class _Pending:
     attempts: int = 0
     done: pa.Array | None = None
 
+    @property
+    def rows(self) -> str:
+        n = len(self.columns[0]) if self.columns else 0
+        return f"rows {self.row_offset}..{self.row_offset + n - 1}"
+
+
+def _partition() -> int | None:
+    """The Spark partition of the running task (None outside a Spark task)."""
+    try:
+        from pyspark import TaskContext
+    except ImportError:  # pragma: no cover - pyspark is a dependency
+        return None
+    ctx = TaskContext.get()
+    return None if ctx is None else int(ctx.partitionId())
+
 
 class PoolClient:
     """Sends a task's batches to the pool's actors. One per (process, pool)."""
@@ -80,19 +93,17 @@ class PoolClient:
         from spark_ray_udf._ray import connect_worker
 
         self.address = address
+        # before this process imports Ray: connect_worker sets Ray's auth mode first
         connect_worker(address.ray_address, who=address.function, auth=address.auth_mode)
         import ray
-        try:
-            self._directory = ray.get_actor(address.function, namespace=address.namespace)
-        except ValueError as exc:
-            raise PoolClosedError(self._closed_message()) from exc
-        self._number = -1
+
+        self._router = Router(node=str(ray.get_runtime_context().get_node_id() or ""))
         self._version = -1
         self._actors: tuple[Any, ...] = ()
-        self._in_flight: list[int] = []
-        self._usable: list[bool] = []
-        self._pings: dict[int, Any] = {}  # actor index -> pending pid() call of an unusable actor
-        self._start = os.getpid()
+        self._handles: dict[str, Any] = {}  # actor id -> verified handle
+        self._pings: dict[int, Any] = {}  # slot -> pending pid() call of an unusable actor
+        self._router.start = os.getpid()
+        self._partition: int | None = None
 
     def _closed_message(self) -> str:
         a = self.address
@@ -101,30 +112,63 @@ class PoolClient:
             f"{a.ray_address}) is closed or gone; call register_ray_model() again"
         )
 
-    def refresh(self) -> None:
-        """Ask the directory which actors serve the function now."""
-        from ray.exceptions import GetTimeoutError, RayActorError
+    @property
+    def version(self) -> int:
+        return self._version
 
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    def _read_entry(self) -> bytes | None:
+        from spark_ray_udf._ray import kv_get
+
+        a = self.address
+        key = a.namespace.encode() + b"/" + ENTRY_KEY
         try:
-            gen = self._get(self._directory.current.remote(), what="the pool's directory")
-        except RayActorError as exc:
-            self._check_ray("the pool's directory")  # a lost Ray is named as such
-            raise PoolClosedError(self._closed_message()) from exc
-        except GetTimeoutError as exc:
+            return kv_get(key, namespace=KV_NAMESPACE, timeout_s=min(a.call_timeout_s, 30.0))
+        except Exception as exc:  # the GCS did not answer: say whether Ray is gone
+            self._check_ray("the pool's directory entry")
             raise CallTimeoutError(
-                f"{self.address.function}: the pool's directory on the Ray at "
-                f"{self.address.ray_address} did not answer within "
-                f"call_timeout_s={self.address.call_timeout_s}s"
+                f"{a.function}: the pool's directory entry on the Ray at {a.ray_address} could "
+                f"not be read ({type(exc).__name__}: {exc})"
             ) from exc
-        if gen is None:
+
+    def refresh(self) -> None:
+        """Read the directory entry: which actors serve the function now."""
+        blob = self._read_entry()
+        if blob is None:
             raise PoolClosedError(self._closed_message())
-        if gen.number != self._number:
-            self._number, self._version, self._actors = gen.number, gen.version, gen.actors
-            self._in_flight = [0] * len(gen.actors)
-            self._usable = [True] * len(gen.actors)
-            self._pings = {}
-        else:
+        entry = decode_entry(blob, self.address.secret, where=self.address.function)
+        if entry.number == self._router.number:
             self._readmit()
+            return
+        handles = tuple(self._lookup(ref) for ref in entry.actors)
+        self._router.update(entry.number, [r.actor_id for r in entry.actors], [r.node_id for r in entry.actors])
+        self._version, self._actors, self._pings = entry.version, handles, {}
+        self._handles = {r.actor_id: h for r, h in zip(entry.actors, handles)}
+
+    def _lookup(self, ref: ActorRef) -> Any:
+        """The handle of one actor of the entry, checked to be the actor the entry names."""
+        import ray
+
+        from spark_ray_udf._ray import actor_id_of
+
+        known = self._handles.get(ref.actor_id)
+        if known is not None:
+            return known
+        try:
+            handle = ray.get_actor(ref.name, namespace=self.address.namespace)
+        except ValueError as exc:  # gone for good: the watcher is replacing it
+            log.info("%s: actor %s is gone (%s)", self.address.function, ref.name, exc)
+            return None
+        if actor_id_of(handle) != ref.actor_id:
+            raise PoolIntegrityError(
+                f"{self.address.function}: the actor named {ref.name!r} in the pool's namespace "
+                f"is not the one its registrant started (id {actor_id_of(handle)}, expected "
+                f"{ref.actor_id}); refusing to send it rows: register the function again"
+            )
+        return handle
 
     def _readmit(self) -> None:
         """Take back actors that failed once they answer a ping (never blocks).
@@ -136,8 +180,8 @@ class PoolClient:
         import ray
         from ray.exceptions import RayError
 
-        for i, usable in enumerate(self._usable):
-            if usable:
+        for i in self._router.unusable():
+            if self._actors[i] is None:
                 continue
             ping = self._pings.pop(i, None)
             if ping is None:
@@ -151,12 +195,8 @@ class PoolClient:
                 ray.get(ping, timeout=0)
             except RayError:
                 continue  # still down: ping again at the next refresh
-            self._usable[i] = True
+            self._router.readmit(i)
             log.info("%s: actor %d answers again", self.address.function, i)
-
-    @property
-    def version(self) -> int:
-        return self._version
 
     def _get(self, ref: Any, *, what: str) -> Any:
         """``ray.get(ref)`` within ``call_timeout_s``, checking every ``PROBE_S`` that the GCS
@@ -191,10 +231,17 @@ class PoolClient:
                 "retries of this task fail the same way until then)"
             ) from exc
 
+    def _where(self, p: _Pending) -> str:
+        part = "" if self._partition is None else f" of partition {self._partition}"
+        return f"{p.rows}{part}"
+
     def _submit(self, p: _Pending) -> _Pending:
         backoff = 0.1
         while True:
-            i = choose_actor(self._in_flight, self._usable, start=self._start)
+            i = self._router.pick()
+            if i is not None and self._actors[i] is None:
+                self._router.failed(i, self._router.number)  # looked up gone: not usable
+                continue
             if i is not None:
                 break
             # Every known actor failed: the pool may be restarting them or have a new generation.
@@ -202,29 +249,27 @@ class PoolClient:
             self._check_attempts(p, None)
             time.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
-            self._number = -1  # force a fresh view
+            self._router.forget()  # force a fresh view
             self.refresh()
-        self._start = i + 1
         p.actor = i
-        p.generation = self._number
-        p.ref = self._actors[i].predict.remote(p.columns, p.row_offset)
-        self._in_flight[i] += 1
+        p.generation = self._router.number
+        p.ref = self._actors[i].predict.remote(p.columns, p.row_offset, self._partition)
         return p
 
     def _check_attempts(self, p: _Pending, cause: BaseException | None) -> None:
-        if p.attempts > self.address.max_retries:
-            n = len(p.columns[0]) if p.columns else 0
-            if cause is None:
-                why = "no actor of the pool could take the batch"
-            else:
-                first_line = (str(cause).strip().splitlines() or [""])[0].rstrip(".")
-                why = f"actor {p.actor} died: {type(cause).__name__}: {first_line}"
-            raise RetriesExhaustedError(
-                f"{self.address.function}: rows {p.row_offset}..{p.row_offset + n - 1} failed on "
-                f"{p.attempts} actors of the pool (namespace {self.address.namespace!r}, Ray at "
-                f"{self.address.ray_address}); last cause: {why}. Raise max_retries= or check "
-                "why the actors die (out of memory, apply_func or a library crashing the process)"
-            ) from cause
+        if retries_left(p.attempts, self.address.max_retries):
+            return
+        if cause is None:
+            why = "no actor of the pool could take the batch"
+        else:
+            first_line = (str(cause).strip().splitlines() or [""])[0].rstrip(".")
+            why = f"actor {p.actor} died: {type(cause).__name__}: {first_line}"
+        raise RetriesExhaustedError(
+            f"{self.address.function}: {self._where(p)} failed on "
+            f"{p.attempts} actors of the pool (namespace {self.address.namespace!r}, Ray at "
+            f"{self.address.ray_address}); last cause: {why}. Raise max_retries= or check "
+            "why the actors die (out of memory, apply_func or a library crashing the process)"
+        ) from cause
 
     def _collect(self, p: _Pending) -> pa.Array:
         import ray
@@ -234,60 +279,55 @@ class PoolClient:
             return p.done
         while True:
             try:
-                n = len(p.columns[0])
-                out = self._get(
-                    p.ref, what=f"rows {p.row_offset}..{p.row_offset + n - 1} from actor {p.actor}"
-                )
+                out = self._get(p.ref, what=f"{self._where(p)} from actor {p.actor}")
             except GetTimeoutError as exc:
                 ray.cancel(p.ref)
-                n = len(p.columns[0])
+                self._router.done(p.actor, p.generation)
                 raise CallTimeoutError(
-                    f"{self.address.function}: actor {p.actor} did not return rows "
-                    f"{p.row_offset}..{p.row_offset + n - 1} within call_timeout_s="
+                    f"{self.address.function}: actor {p.actor} did not return "
+                    f"{self._where(p)} within call_timeout_s="
                     f"{self.address.call_timeout_s}s (Ray at {self.address.ray_address}); raise "
                     "call_timeout_s= or look at the actor's logs"
                 ) from exc
             except RayTaskError as exc:
+                self._router.done(p.actor, p.generation)
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, SparkRayUdfError):
                     raise cause from None
                 raise ModelApplyError(f"{self.address.function}: {exc}") from None
             except RayActorError as exc:
-                number = self._number
-                if p.generation == number:
-                    self._in_flight[p.actor] -= 1
-                    self._usable[p.actor] = False
+                self._router.failed(p.actor, p.generation)
                 self.refresh()
-                if self._number != p.generation:
+                if self._router.number != p.generation:
                     # The pool moved to a new generation (a reload): the old actor exited after
                     # its queued calls. Not a failure: send the batch to the new actors.
                     log.info(
                         "%s: rows from %d go to generation %d (v%d)",
                         self.address.function,
                         p.row_offset,
-                        self._number,
+                        self._router.number,
                         self._version,
                     )
                 else:
                     p.attempts += 1
                     log.warning(
-                        "%s: actor %d died (%s); retrying rows from %d (attempt %d of %d)",
+                        "%s: actor %d died (%s); retrying %s (attempt %d of %d)",
                         self.address.function,
                         p.actor,
                         type(exc).__name__,
-                        p.row_offset,
+                        self._where(p),
                         p.attempts,
                         self.address.max_retries,
                     )
                     self._check_attempts(p, exc)
                 self._submit(p)
                 continue
-            if p.generation == self._number:
-                self._in_flight[p.actor] -= 1
+            self._router.done(p.actor, p.generation)
             return out
 
     def map_batches(self, batches: Iterable[pa.Array | tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
         """Predict every batch of a task, in order."""
+        self._partition = _partition()
         self.refresh()
         pending: deque[_Pending] = deque()
         offset = 0
@@ -316,22 +356,36 @@ class PoolClient:
         finally:
             # On an error or an abandoned iterator, forget what is still in flight.
             for p in pending:
-                if p.ref is not None and p.done is None and p.generation == self._number:
-                    self._in_flight[p.actor] = max(0, self._in_flight[p.actor] - 1)
+                if p.ref is not None and p.done is None:
+                    self._router.done(p.actor, p.generation)
 
 
-_CLIENTS: dict[PoolAddress, PoolClient] = {}
+_CLIENTS: OrderedDict[PoolAddress, PoolClient] = OrderedDict()
 _CLIENTS_LOCK = threading.Lock()
 
 
 def get_client(address: PoolAddress) -> PoolClient:
-    """The process's client for ``address``, created (and connected) on first use."""
+    """The process's client for ``address``, created (and connected) on first use.
+
+    The cache keeps the ``MAX_CLIENTS`` most recently used clients; a client whose pool turned
+    out to be closed is dropped by :func:`predict_batches`.
+    """
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(address)
         if client is None:
             client = PoolClient(address)
             _CLIENTS[address] = client
+            while len(_CLIENTS) > MAX_CLIENTS:
+                _CLIENTS.popitem(last=False)
+        else:
+            _CLIENTS.move_to_end(address)
         return client
+
+
+def drop_client(address: PoolAddress) -> None:
+    """Forget the cached client of ``address`` (its pool is closed)."""
+    with _CLIENTS_LOCK:
+        _CLIENTS.pop(address, None)
 
 
 def clear_clients() -> None:
@@ -344,4 +398,8 @@ def predict_batches(
     address: PoolAddress, batches: Iterator[pa.Array | tuple[pa.Array, ...]]
 ) -> Iterator[pa.Array]:
     """The body of the registered UDF: stream a task's batches through the pool."""
-    yield from get_client(address).map_batches(batches)
+    try:
+        yield from get_client(address).map_batches(batches)
+    except PoolClosedError:
+        drop_client(address)
+        raise

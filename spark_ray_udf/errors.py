@@ -44,6 +44,11 @@ class PoolClosedError(SparkRayUdfError, RuntimeError):
     """The actor pool behind a SQL function was closed or is gone."""
 
 
+class PoolIntegrityError(SparkRayUdfError, RuntimeError):
+    """What an executor read about a pool was not written by the pool's registrant (another Ray
+    job wrote it, or it is damaged): it is refused rather than used."""
+
+
 class CallTimeoutError(SparkRayUdfError, TimeoutError):
     """A Ray call did not answer within its timeout."""
 
@@ -61,6 +66,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelTableError",
     "PoolClosedError",
+    "PoolIntegrityError",
     "RayUnavailableError",
     "RetriesExhaustedError",
     "SparkRayUdfError",

@@ -1,13 +1,16 @@
-"""The Ray side: model worker actors, the pool's directory, and the driver-side pool.
+"""The driver side of a pool: start, swap and stop generations of model actors, the directory
+that tells Spark's Python workers which actors serve a function, the watcher, and stats.
 
-* :class:`ModelWorker` (a Ray actor) writes the model files into its own temporary folder, read
-  straight from the Delta version's Parquet files (``WorkerSpec.files``) or, when the actors
-  cannot reach the table's storage, from chunks the driver put in the object store; it calls
-  ``init_func`` once, and serves ``predict`` calls on Arrow batches. An error in ``init_func`` is kept and raised by ``ready()`` with the actor's traceback.
-* :class:`Directory` (a tiny named actor, no CPU) tells Spark's Python workers which actors serve
-  the function now: a :class:`Generation`. Workers find it by name in the pool's own namespace.
-* :class:`ModelPool` (driver side) starts a generation, waits until every actor is ready (with a
-  timeout), publishes it, and stops everything on :meth:`ModelPool.close`.
+* The actors are :class:`~spark_ray_udf.worker.ModelWorker` (see :mod:`spark_ray_udf.worker`),
+  each a named actor in the pool's own Ray namespace.
+* The :class:`Directory` is an entry in Ray's GCS key-value store (raw bytes, never unpickled)
+  naming the serving actors, signed with the pool's secret (:mod:`spark_ray_udf._contract`).
+  Executors verify it and check each actor's id before sending it a row, so another Ray job
+  can neither redirect a pool's rows nor make executors unpickle what it wrote. The entry lives
+  as long as the GCS, so nothing about the pool is lost when an actor restarts.
+* :class:`ModelPool` starts a generation, waits until every actor is ready (with a timeout),
+  publishes it, watches it (dead actors replaced, a missing or overwritten entry republished),
+  reports :meth:`ModelPool.stats`, and stops everything on :meth:`ModelPool.close`.
 
 Actors restart by default (``max_restarts=-1``): a restarted actor runs ``__init__`` again and so
 reloads the model from the table's files (a Delta version's files do not change; VACUUM may
@@ -19,35 +22,48 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
-import re
+import secrets
 import shutil
-import tempfile
 import threading
 import time
-import traceback
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
-import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from spark_ray_udf._arrow import NullPolicy, empty_result, prepare_inputs, to_result_array
+from spark_ray_udf import _ray
+from spark_ray_udf._contract import ENTRY_KEY, ActorRef, Entry, Generation, WorkerInfo, encode_entry
 from spark_ray_udf.errors import (
     CallTimeoutError,
-    ModelApplyError,
     ModelInitError,
-    ModelTableError,
     PoolClosedError,
-    SparkRayUdfError,
 )
-from spark_ray_udf.store import Manifest, StoredModel, materialize, rows_from_files, write_model
+from spark_ray_udf.store import StoredModel
+from spark_ray_udf.worker import (
+    WorkerSpec,
+    percentiles,
+    qualname,
+    remote_worker_class,
+    remove_stale_folders,
+)
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_ACTOR_OPTIONS",
+    "Directory",
+    "Generation",
+    "ModelPool",
+    "WorkerInfo",
+    "WorkerSpec",
+    "remove_stale_folders",
+    "start_actors",
+    "stop_actors",
+]
 
 DEFAULT_ACTOR_OPTIONS: Mapping[str, Any] = MappingProxyType(
     {"num_cpus": 0.25, "max_restarts": -1, "max_task_retries": 0}
@@ -56,231 +72,51 @@ STOP_TIMEOUT_S = 10.0
 WATCH_S = 5.0  # how often the driver checks that every actor of the pool is still alive
 
 
-def qualname(func: Callable[..., Any]) -> str:
-    """A readable name for a user function, for error messages.
-
-    >>> qualname(qualname)
-    'spark_ray_udf.pool.qualname'
-    """
-    mod = getattr(func, "__module__", None) or "?"
-    name = getattr(func, "__qualname__", None) or repr(func)
-    return f"{mod}.{name}"
+KV_NAMESPACE = "spark-ray-udf"
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a model worker needs, built once on the driver."""
+@dataclass
+class Directory:
+    """The signed entry that tells executors which actors serve a pool (see the module docstring)."""
 
-    function: str
-    table: str
-    version: int
-    manifest: Manifest
-    init_func: Callable[[str, Mapping[str, Any]], Any]
-    apply_func: Callable[..., Any]
-    conf: Mapping[str, Any]
-    return_type: pa.DataType
-    on_null: NullPolicy
-    work_root: str
-    fetch_timeout_s: float
-    with_version: bool = False
-    files: tuple[str, ...] = ()  # read the model from these Parquet files; else chunk refs
+    namespace: str  # the pool's Ray namespace; the entry's key in the KV store
+    secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    published: bytes | None = field(default=None, repr=False)
+    republished: int = 0  # times the watcher found the entry missing or overwritten
 
     @property
-    def where(self) -> str:
-        return f"{self.table}@v{self.version}"
+    def key(self) -> bytes:
+        return self.namespace.encode() + b"/" + ENTRY_KEY
 
+    def publish(self, generation: Generation, infos: list[WorkerInfo]) -> None:
+        by_index = {i.index: i for i in infos}
+        refs = []
+        for index, actor in enumerate(generation.actors):
+            info = by_index.get(index)
+            refs.append(ActorRef(
+                name=info.name if info else "",
+                actor_id=_ray.actor_id_of(actor),
+                node_id=info.node_id if info else "",
+            ))
+        blob = encode_entry(Entry(generation.number, generation.version, tuple(refs)), self.secret)
+        _ray.kv_put(self.key, blob, namespace=KV_NAMESPACE)
+        self.published = blob
 
-class WorkerInfo(NamedTuple):
-    """What a ready actor reports about itself."""
+    def intact(self) -> bool:
+        """True when the stored entry is the one last published."""
+        return _ray.kv_get(self.key, namespace=KV_NAMESPACE) == self.published
 
-    index: int
-    pid: int
-    node_ip: str
-    model_dir: str
-    load_seconds: float
-    version: int
-
-
-class Generation(NamedTuple):
-    """The actors serving a function at one time, for one model version."""
-
-    number: int
-    version: int
-    actors: tuple[Any, ...]
-
-
-class ModelWorker:
-    """A Ray actor holding one loaded copy of the model (see the module docstring)."""
-
-    def __init__(self, spec: WorkerSpec, index: int, chunks: dict[tuple[str, int], Any]) -> None:
-        self._spec = spec
-        self._index = index
-        self._model: Any = None
-        self._error: SparkRayUdfError | None = None
-        remove_stale_folders(Path(spec.work_root).parent)
-        Path(spec.work_root).mkdir(parents=True, exist_ok=True)
-        self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=spec.work_root)
-        atexit.register(self._cleanup)
-        start = time.monotonic()
-        try:
-            self._fetch(chunks)
-        except SparkRayUdfError as exc:
-            self._error = exc
-            return
-        except Exception:  # storage or object store read failed: report with the traceback
-            source = "its Delta files" if spec.files else "the Ray object store"
-            self._error = ModelInitError(
-                f"{spec.function}: actor {index} (pid {os.getpid()}) could not fetch the files of "
-                f"{spec.where} from {source}:\n{traceback.format_exc()}"
-            )
-            return
-        try:
-            self._model = spec.init_func(self._dir, MappingProxyType(dict(spec.conf)))
-        except BaseException:
-            self._error = ModelInitError(
-                f"{spec.function}: init_func {qualname(spec.init_func)} raised on actor {index} "
-                f"(pid {os.getpid()}) while loading {spec.where}; fix init_func or the model "
-                f"files. The actor's traceback:\n{traceback.format_exc()}"
-            )
-        self._load_seconds = time.monotonic() - start
-
-    def _fetch(self, chunks: dict[tuple[str, int], Any]) -> None:
-        spec = self._spec
-        if not spec.files:
-            materialize(
-                spec.manifest,
-                lambda p, i: ray.get(chunks[(p, i)], timeout=spec.fetch_timeout_s),
-                self._dir,
-                where=spec.where,
-            )
-            return
-        rows = rows_from_files(spec.files, where=spec.where)
-        manifest = write_model(rows, self._dir, where=spec.where)
-        # pyarrow's allocator keeps the freed read buffers (~60 MB): give them back before the
-        # model is loaded, for the actor's whole life.
-        pa.default_memory_pool().release_unused()
-        if manifest != spec.manifest:
-            raise ModelTableError(
-                f"{spec.where}: the manifest read by the actor differs from the one read at "
-                "registration; the table's files were rewritten: register the model again"
-            )
-
-    def ready(self) -> WorkerInfo:
-        """Raise the load error, if any; otherwise describe this actor."""
-        if self._error is not None:
-            raise self._error
-        return WorkerInfo(
-            index=self._index,
-            pid=os.getpid(),
-            node_ip=ray.util.get_node_ip_address(),
-            model_dir=self._dir,
-            load_seconds=self._load_seconds,
-            version=self._spec.version,
-        )
-
-    def predict(self, columns: list[pa.Array], row_offset: int) -> pa.Array:
-        """Run ``apply_func`` on one Arrow batch and return the Arrow result."""
-        if self._error is not None:
-            raise self._error
-        spec = self._spec
-        n_rows = len(columns[0]) if columns else 0
-        if n_rows == 0:
-            return self._with_version(empty_result(spec.return_type)) if spec.with_version else (
-                empty_result(spec.return_type)
-            )
-        arrays, kept = prepare_inputs(
-            columns, function=spec.function, on_null=spec.on_null, row_offset=row_offset
-        )
-        if kept is not None and not kept.any():
-            nulls = pa.nulls(n_rows, spec.return_type)
-            return self._with_version(nulls) if spec.with_version else nulls
-        try:
-            result = spec.apply_func(self._model, *arrays)
-        except Exception:
-            raise ModelApplyError(
-                f"{spec.function}: apply_func {qualname(spec.apply_func)} raised on actor "
-                f"{self._index} (pid {os.getpid()}, {spec.where}) for rows "
-                f"{row_offset}..{row_offset + n_rows - 1} of the task. The actor's traceback:\n"
-                f"{traceback.format_exc()}"
-            ) from None
-        out = to_result_array(
-            result,
-            spec.return_type,
-            n_rows,
-            function=spec.function,
-            kept=kept,
-            row_offset=row_offset,
-        )
-        return self._with_version(out) if spec.with_version else out
-
-    def _with_version(self, out: pa.Array) -> pa.Array:
-        versions = pa.array([self._spec.version] * len(out), type=pa.int64())
-        return pa.StructArray.from_arrays([out, versions], names=["prediction", "model_version"])
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def stop(self) -> None:
-        """Remove the model folder and exit once the calls queued before this one are done."""
-        self._cleanup()
-        ray.actor.exit_actor()
-
-    def _cleanup(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-
-_STALE_NAME = re.compile(r"^actor\d+-pid(\d+)-")
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists
+    def repair(self) -> bool:
+        """Publish the entry again if it is missing or was overwritten; True if it was."""
+        if self.published is None or self.intact():
+            return False
+        log.warning("%s: the pool's directory entry was missing or overwritten; republishing", self.namespace)
+        _ray.kv_put(self.key, self.published, namespace=KV_NAMESPACE)
+        self.republished += 1
         return True
-    return True
 
-
-def remove_stale_folders(root: Path, *, min_age_s: float = 60.0) -> list[Path]:
-    """Remove the model folders under ``root`` whose actor process is gone; return them.
-
-    An actor removes its folder on ``stop()`` and at exit, and :meth:`ModelPool.close` removes
-    the pool's folder; but an actor killed outright (its driver SIGKILLed, the node's Ray
-    stopped) runs no cleanup. Each actor names its folder ``actor<i>-pid<pid>-...``, so every
-    new actor sweeps the folders of dead PIDs on its machine, then the pools' folders that are
-    empty and untouched for ``min_age_s``. (Machines sharing one temp folder across PID
-    namespaces must give each its own ``TMPDIR``.)
-    """
-    removed: list[Path] = []
-    if not root.is_dir():
-        return removed
-    for folder in root.glob("*/actor*-pid*-*"):
-        match = _STALE_NAME.match(folder.name)
-        if match and not _pid_running(int(match.group(1))):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    for pool_root in root.iterdir():
-        try:
-            if time.time() - pool_root.stat().st_mtime > min_age_s:
-                pool_root.rmdir()  # only when empty
-                removed.append(pool_root)
-        except OSError:
-            pass
-    return removed
-
-
-class Directory:
-    """A named actor that tells Spark's Python workers which generation serves the function."""
-
-    def __init__(self) -> None:
-        self._current: Generation | None = None
-
-    def publish(self, generation: Generation) -> None:
-        self._current = generation
-
-    def current(self) -> Generation | None:
-        return self._current
+    def remove(self) -> None:
+        _ray.kv_del(self.key, namespace=KV_NAMESPACE)
 
 
 def _unwrap(exc: RayTaskError) -> BaseException:
@@ -296,7 +132,7 @@ class ModelPool:
     namespace: str
     gcs_address: str
     work_root: str
-    directory: Any
+    directory: Directory
     generation: Generation
     stored: StoredModel[Any] = field(repr=False)
     infos: list[WorkerInfo]
@@ -322,19 +158,22 @@ class ModelPool:
         init_timeout_s: float,
     ) -> ModelPool:
         """Start ``num_actors`` workers, wait until each has loaded the model, publish them."""
-        directory = ray.remote(Directory).options(
-            name=spec.function, namespace=namespace, num_cpus=0, max_restarts=-1
-        ).remote()
+        directory = Directory(namespace)
         try:
             actors, infos = start_actors(
-                spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s
+                spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s,
+                namespace=namespace,
             )
         except BaseException:
-            ray.kill(directory, no_restart=True)
             shutil.rmtree(spec.work_root, ignore_errors=True)
             raise
         generation = Generation(number=1, version=stored.version, actors=tuple(actors))
-        ray.get(directory.publish.remote(generation), timeout=init_timeout_s)
+        try:
+            directory.publish(generation, infos)
+        except BaseException:
+            stop_actors(actors, graceful=False)
+            shutil.rmtree(spec.work_root, ignore_errors=True)
+            raise
         pool = cls(
             function=spec.function,
             namespace=namespace,
@@ -354,13 +193,17 @@ class ModelPool:
 
     def _watch(self) -> None:
         """Replace actors that Ray will not restart (``ray.kill``, restarts exhausted) so the pool
-        keeps its size; checks every ``WATCH_S`` (one GCS lookup per actor, no actor call)."""
+        keeps its size, and republish the directory entry if it is missing or was overwritten;
+        checks every ``WATCH_S`` (one GCS lookup per actor and one for the entry, no actor call)."""
         wait = WATCH_S
         while not self._stop.wait(wait):
             if not ray.is_initialized() or _current_gcs() != self.gcs_address:
                 return  # ray.shutdown() here, or the pool's Ray was lost: nothing to watch
             try:
                 self.replace_dead()
+                with self._lock:
+                    if not self.closed:
+                        self.directory.repair()
                 self.last_watch_error, wait = None, WATCH_S
             except PoolClosedError:
                 return
@@ -387,7 +230,7 @@ class ModelPool:
             log.warning("%s: actors %s are dead for good; starting replacements", self.function, dead)
             fresh, infos = start_actors(
                 self.spec, self.stored, num_actors=len(dead), options=self.actor_options,
-                timeout_s=self.init_timeout_s, indices=dead,
+                timeout_s=self.init_timeout_s, indices=dead, namespace=self.namespace,
             )
             actors, all_infos = list(old.actors), list(self.infos)
             for i, actor, info in zip(dead, fresh, infos):
@@ -396,7 +239,7 @@ class ModelPool:
                     all_infos[i] = info
             generation = Generation(number=old.number + 1, version=old.version, actors=tuple(actors))
             try:
-                ray.get(self.directory.publish.remote(generation), timeout=self.init_timeout_s)
+                self.directory.publish(generation, all_infos)
             except BaseException:
                 stop_actors(fresh, graceful=False)
                 raise
@@ -424,14 +267,15 @@ class ModelPool:
             if self.closed:
                 raise PoolClosedError(f"{self.function}: the pool is closed; register it again")
             actors, infos = start_actors(
-                spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s
+                spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s,
+                namespace=self.namespace,
             )
             old = self.generation
             generation = Generation(
                 number=old.number + 1, version=stored.version, actors=tuple(actors)
             )
             try:
-                ray.get(self.directory.publish.remote(generation), timeout=init_timeout_s)
+                self.directory.publish(generation, infos)
             except BaseException:
                 stop_actors(actors, graceful=False)
                 raise
@@ -453,6 +297,37 @@ class ModelPool:
         refs = [a.pid.remote() for a in self.generation.actors]
         return list(ray.get(refs, timeout=STOP_TIMEOUT_S))
 
+    def stats(self, *, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, Any]:
+        """What the pool served: per actor and summed, by door (see :meth:`RayModel.stats`).
+
+        Each actor answers in its control concurrency group, never behind ``predict``; an actor
+        that does not answer within ``timeout_s`` is reported with its error instead.
+        """
+        gen, infos = self.generation, {i.index: i for i in self.infos}
+        refs = [a.stats.remote() for a in gen.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        done = set(ready)
+        actors: list[dict[str, Any]] = []
+        for index, (actor, ref) in enumerate(zip(gen.actors, refs)):
+            info = infos.get(index)
+            row: dict[str, Any] = {
+                "index": index,
+                "node_ip": info.node_ip if info else "",
+                "node_id": info.node_id if info else "",
+                "restarts": _ray.actor_restarts(actor),
+                "state": actor_state(actor),
+            }
+            if ref in done:
+                try:
+                    row.update(ray.get(ref, timeout=0))
+                except Exception as exc:  # a dead actor: report it, keep the others
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            else:
+                ray.cancel(ref)
+                row["error"] = f"did not answer within {timeout_s}s"
+            actors.append(row)
+        return summarize(self, actors)
+
     def close(self) -> None:
         """Stop the actors (after the calls already queued), the directory, and unpin the model."""
         self._stop.set()
@@ -465,9 +340,9 @@ class ModelPool:
         if ray.is_initialized() and _current_gcs() == self.gcs_address:
             stop_actors(self.generation.actors)
             try:
-                ray.kill(self.directory, no_restart=True)
-            except (RayActorError, ValueError):
-                pass  # already gone
+                self.directory.remove()
+            except Exception:  # the GCS went away meanwhile: the entry goes with it
+                log.warning("%s: could not remove the directory entry", self.function, exc_info=True)
         self.stored = StoredModel(self.stored.table, self.stored.version, self.stored.manifest, {})
         # Actors killed without their own cleanup (ray.shutdown, SIGKILL) leave their model
         # folders here: the pool removes the whole root on this machine in every case.
@@ -483,16 +358,24 @@ def start_actors(
     options: Mapping[str, Any],
     timeout_s: float,
     indices: list[int] | None = None,
+    namespace: str | None = None,
 ) -> tuple[list[Any], list[WorkerInfo]]:
     """Create the actors of one generation and wait (at most ``timeout_s``) until all are ready.
 
-    ``indices`` number the actors (``0..num_actors-1`` by default). On any failure every actor
-    started here is stopped before the error is raised.
+    ``indices`` number the actors (``0..num_actors-1`` by default). With ``namespace`` each actor
+    is named there (``<function>-<index>-<random>``), so executors can look it up. On any failure
+    every actor started here is stopped before the error is raised.
     """
-    remote_cls = ray.remote(ModelWorker)
+    remote_cls = remote_worker_class()
     opts = {**DEFAULT_ACTOR_OPTIONS, **options}
     numbers = list(range(num_actors)) if indices is None else indices
-    actors = [remote_cls.options(**opts).remote(spec, i, stored.chunks) for i in numbers]
+
+    def named(i: int) -> dict[str, Any]:
+        if namespace is None:
+            return {}
+        return {"name": f"{spec.function}-{i}-{uuid.uuid4().hex[:8]}", "namespace": namespace}
+
+    actors = [remote_cls.options(**opts, **named(i)).remote(spec, i, stored.chunks) for i in numbers]
     try:
         infos = ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
     except GetTimeoutError as exc:
@@ -535,12 +418,8 @@ def _current_gcs() -> str:
 
 def actor_state(actor: Any) -> str:
     """Ray's state of an actor (``ALIVE``, ``RESTARTING``, ``DEAD``, ...) from the GCS, without
-    calling the actor (a call would queue behind its batches). Uses Ray's GCS state accessor,
-    which needs no dashboard."""
-    from ray._private import state
-
-    info = state.actors(actor._actor_id.hex())
-    return str(info.get("State", "UNKNOWN")) if info else "UNKNOWN"
+    calling the actor (a call would queue behind its batches)."""
+    return str(_ray.actor_info(actor).get("State", "UNKNOWN"))
 
 
 def stop_actors(actors: tuple[Any, ...] | list[Any], *, graceful: bool = True) -> None:
@@ -553,3 +432,30 @@ def stop_actors(actors: tuple[Any, ...] | list[Any], *, graceful: bool = True) -
             ray.kill(a, no_restart=True)
         except (RayActorError, ValueError):
             pass  # already exited
+
+
+def summarize(pool: ModelPool, actors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pool's totals over its actors' stats rows (rows, batches, errors by door)."""
+    doors = ("sql", "http")
+
+    def total(what: str) -> dict[str, int]:
+        return {d: sum(int(a.get(what, {}).get(d, 0)) for a in actors) for d in doors}
+
+    window = [x for a in actors for x in a.pop("latency_window", ())]
+    return {
+        "function": pool.function,
+        "table": pool.stored.table,
+        "version": pool.generation.version,
+        "generation": pool.generation.number,
+        "actors": actors,
+        "rows": total("rows"),
+        "batches": total("batches"),
+        "errors": total("errors"),
+        "in_flight": sum(int(a.get("in_flight", 0)) for a in actors),
+        "busy_s": sum(float(a.get("busy_s", 0.0)) for a in actors),
+        "restarts": sum(int(a.get("restarts", 0)) for a in actors),
+        "replaced": pool.replaced,
+        "directory_republished": pool.directory.republished,
+        "latency_s": percentiles(window),
+        "closed": pool.closed,
+    }

@@ -30,15 +30,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from spark_ray_udf._arrow import NullPolicy, check_return_type
-from spark_ray_udf.client import PoolAddress, predict_batches
+from spark_ray_udf._contract import PoolAddress
+from spark_ray_udf.client import predict_batches
 from spark_ray_udf.errors import ModelTableError, PoolClosedError
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, SparkSession
     from pyspark.sql.types import DataType
 
-    from spark_ray_udf.pool import ModelPool, WorkerInfo, WorkerSpec
+    from spark_ray_udf._contract import WorkerInfo
+    from spark_ray_udf.pool import ModelPool
     from spark_ray_udf.store import StoredModel
+    from spark_ray_udf.worker import WorkerSpec
 
 ModelSource = Literal["auto", "storage", "object_store"]
 
@@ -228,6 +231,26 @@ class RayModel:
         self._check_open()
         return self._pool.actor_pids()
 
+    def stats(self) -> dict[str, Any]:
+        """What the pool served, asked of its actors (never queued behind predictions).
+
+        Returns a dict: ``function``, ``table``, ``version``, ``generation``; ``rows``,
+        ``batches`` and ``errors`` by door (``{"sql": n, "http": n}``); ``in_flight``
+        batches; ``busy_s``; ``latency_s`` (``p50``/``p95``/``p99`` of the recent batches'
+        ``apply_func`` time); ``restarts`` (by Ray), ``replaced`` (by the watcher),
+        ``directory_republished``; and ``actors``, one dict per actor with the same counters and
+        its ``pid``, ``node_ip``, ``node_id``, ``state``, ``version``, ``load_s``, ``uptime_s``.
+
+        Example::
+
+            model.stats()["rows"]     # {'sql': 1000, 'http': 12}
+        """
+        self._check_open()
+        out = self._pool.stats()
+        out["name"] = self.name
+        out["model_source"] = "storage" if self._pool.stored.files else "object_store"
+        return out
+
     def _check_open(self) -> None:
         if self._pool.closed:
             raise PoolClosedError(f"{self.name}: the model was closed; register it again")
@@ -372,8 +395,9 @@ def register_ray_model(
             df.select(model("features"))
     """
     from spark_ray_udf import _ray
-    from spark_ray_udf.pool import ModelPool, WorkerSpec
+    from spark_ray_udf.pool import ModelPool
     from spark_ray_udf.store import Manifest, resolve_version
+    from spark_ray_udf.worker import WorkerSpec
 
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"name must be a SQL identifier like 'model_predict' (got {name!r})")
@@ -476,6 +500,7 @@ def register_ray_model(
         max_in_flight=max_in_flight,
         call_timeout_s=float(call_timeout_s),
         max_retries=max_retries,
+        secret=pool.directory.secret,
     )
     model = RayModel(
         spark=spark,

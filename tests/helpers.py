@@ -160,15 +160,23 @@ def wait_gone(pids: Any, timeout_s: float = 20.0) -> list[int]:
 
 
 def pool_namespaces(function: str) -> list[str]:
-    """Namespaces holding a live pool directory of ``function`` (one named actor per pool)."""
+    """Namespaces holding a live pool of ``function``: its named model actors with their directory
+    entry in Ray's KV store (the pool's registrant removes both on close)."""
     import ray
 
+    from spark_ray_udf import _ray
+    from spark_ray_udf.pool import KV_NAMESPACE
+
     prefix = f"spark-ray-udf.{function}."
-    return sorted(
+    found = {
         a["namespace"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"].startswith(prefix) and a["name"] == function
-    )
+        if a["namespace"].startswith(prefix) and a["name"].startswith(f"{function}-")
+    }
+    for namespace in list(found):
+        if _ray.kv_get(namespace.encode() + b"/generation", namespace=KV_NAMESPACE) is None:
+            found.discard(namespace)  # actors still exiting, entry already gone
+    return sorted(found)
 
 
 def work_roots(function: str) -> list[Path]:

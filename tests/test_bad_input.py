@@ -440,18 +440,20 @@ def test_actor_rechecks_every_path_before_writing(ray_address, tmp_path, bad_pat
 
 
 def test_each_pool_in_its_own_namespace(pools):
-    """Every registered function has its own Ray namespace; its directory is invisible elsewhere."""
+    """Every registered function has its own Ray namespace: its actors are named there only."""
     import ray
 
     namespaces = {name: model.namespace for name, model in pools.items()}
     assert len(set(namespaces.values())) == len(pools)
     for name, namespace in namespaces.items():
         assert namespace.startswith(f"spark-ray-udf.{name}.")
-        assert ray.get_actor(name, namespace=namespace) is not None
+        actor_names = [info.name for info in pools[name].actors]
+        assert all(n.startswith(f"{name}-") for n in actor_names) and actor_names
+        assert ray.get_actor(actor_names[0], namespace=namespace) is not None
         for other, other_namespace in namespaces.items():
             if other != name:
                 with pytest.raises(ValueError):
-                    ray.get_actor(name, namespace=other_namespace)
+                    ray.get_actor(actor_names[0], namespace=other_namespace)
 
 
 def test_embedded_ray_and_spark_listen_on_loopback_only(spark, ray_address, pools):

@@ -466,13 +466,12 @@ def _model_state(model: RayModel) -> tuple[list[int], list[str], str]:
 
 @pytest.mark.parametrize("source", ["auto", "object_store"])
 def test_close_leaves_no_actor_folder_or_pinned_model(spark, linear_table, source):
-    """After close(): no actor process, no directory actor, no folder, no pinned model chunk.
+    """After close(): no actor process, no directory entry, no folder, no pinned model chunk.
     ('auto' here reads the table's files in the actors: the driver pins no chunk at all.)"""
     import ray
 
     events_view(spark, "fault_small", n=10, partitions=1)
     workers_before = helpers.actor_processes("ModelWorker")
-    dirs_before = helpers.actor_processes("Directory")
     model = register_ray_model(
         spark, linear_table.table, "fault_leak", init_linear, apply_linear,
         return_type="bigint", num_actors=2, model_source=source,
@@ -480,9 +479,8 @@ def test_close_leaves_no_actor_folder_or_pinned_model(spark, linear_table, sourc
     spark.sql("select fault_leak(features) from fault_small").collect()
     pids, model_dirs, work_root = _model_state(model)
     workers = helpers.actor_processes("ModelWorker") - workers_before
-    directory = helpers.actor_processes("Directory") - dirs_before
     chunk_ids = {ref.hex() for ref in model._pool.stored.chunks.values()}
-    assert workers == set(pids) and len(directory) == 1
+    assert workers == set(pids) and helpers.pool_namespaces("fault_leak") == [model.namespace]
     assert bool(chunk_ids) == (source == "object_store")
     assert all(Path(d).is_dir() for d in model_dirs) and Path(work_root).is_dir()
     assert Path(work_root) in helpers.work_roots("fault_leak")
@@ -490,7 +488,6 @@ def test_close_leaves_no_actor_folder_or_pinned_model(spark, linear_table, sourc
     assert helpers.object_refs_held(chunk_ids) == chunk_ids
     model.close()
     assert helpers.wait_gone(pids) == []
-    assert helpers.wait_gone(directory) == []
     assert helpers.pool_namespaces("fault_leak") == []
     assert not Path(work_root).exists() and not any(Path(d).exists() for d in model_dirs)
     # the driver no longer holds the chunks, so Ray frees them

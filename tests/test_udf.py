@@ -257,7 +257,7 @@ def test_register_again_reuses_or_replaces_pool(spark, two_versions):
 
 
 def test_close_stops_actors_and_removes_folders(spark, two_versions):
-    """close() ends every actor, removes the directory actor and the model folders; idempotent."""
+    """close() ends every actor, removes the directory entry and the model folders; idempotent."""
     table, m0, _ = two_versions
     model = _register_versioned(spark, table, 0)
     infos = model.actors
