@@ -14,12 +14,13 @@ from spark_ray_udf.errors import (
     ModelNotFoundError,
     ModelTableError,
     PoolClosedError,
+    PoolIntegrityError,
     RayUnavailableError,
     RetriesExhaustedError,
     SparkRayUdfError,
 )
 from spark_ray_udf.store import latest_version, load_model, save_model
-from spark_ray_udf.udf import RayModel, register_ray_model
+from spark_ray_udf.udf import RayModel, models, register_ray_model
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelTableError",
     "PoolClosedError",
+    "PoolIntegrityError",
     "RayModel",
     "RayUnavailableError",
     "RetriesExhaustedError",
@@ -39,6 +41,7 @@ __all__ = [
     "init_keras",
     "latest_version",
     "load_model",
+    "models",
     "register_ray_model",
     "save_model",
 ]

@@ -38,7 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from spark_ray_udf._contract import ENTRY_KEY, ActorRef, PoolAddress, decode_entry
+from spark_ray_udf._contract import ENTRY_KEY, ActorRef, Entry, PoolAddress, decode_entry
 from spark_ray_udf.errors import (
     CallTimeoutError,
     InputError,
@@ -54,6 +54,7 @@ from spark_ray_udf.router import Router, retries_left
 log = logging.getLogger(__name__)
 
 PROBE_S = 2.0  # while a call is out, check this often that Ray's GCS still accepts connections
+INTEGRITY_WAIT_S = 15.0  # how long a forged directory entry is waited out (3 watcher rounds)
 MAX_CLIENTS = 64  # clients cached per process (one per registered pool it served)
 KV_NAMESPACE = "spark-ray-udf"  # same as pool.KV_NAMESPACE (the pool module needs the driver)
 
@@ -134,12 +135,26 @@ class PoolClient:
                 f"not be read ({type(exc).__name__}: {exc})"
             ) from exc
 
+    def _verified_entry(self) -> Entry:
+        """The directory entry, verified. One that fails verification (another Ray job wrote
+        it) is never used: the registrant's watcher publishes the right one again within
+        ``WATCH_S``, so it is read again for up to ``INTEGRITY_WAIT_S`` before failing."""
+        deadline = time.monotonic() + INTEGRITY_WAIT_S
+        while True:
+            blob = self._read_entry()
+            if blob is None:
+                raise PoolClosedError(self._closed_message())
+            try:
+                return decode_entry(blob, self.address.secret, where=self.address.function)
+            except PoolIntegrityError:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s: ignoring a directory entry this pool did not write", self.address.function)
+                time.sleep(0.5)
+
     def refresh(self) -> None:
         """Read the directory entry: which actors serve the function now."""
-        blob = self._read_entry()
-        if blob is None:
-            raise PoolClosedError(self._closed_message())
-        entry = decode_entry(blob, self.address.secret, where=self.address.function)
+        entry = self._verified_entry()
         if entry.number == self._router.number:
             self._readmit()
             return

@@ -35,7 +35,7 @@ from spark_ray_udf.client import predict_batches
 from spark_ray_udf.errors import ModelTableError, PoolClosedError
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import DataType
 
     from spark_ray_udf._contract import WorkerInfo
@@ -520,3 +520,37 @@ def register_ray_model(
         model._start_polling(float(refresh_seconds))
     log.info("%s: serving %s@v%d with %d actors", name, table, stored.version, num_actors)
     return model
+
+
+_MODELS_SCHEMA = (
+    "name string, table string, version bigint, generation bigint, actors int, "
+    "model_source string, rows_sql bigint, rows_http bigint, batches_sql bigint, "
+    "batches_http bigint, errors_sql bigint, errors_http bigint, in_flight int, "
+    "busy_s double, latency_p50_s double, latency_p99_s double, restarts int, replaced int"
+)
+
+
+def models(spark: SparkSession) -> DataFrame:
+    """Every function registered in this driver, with its counters, as a DataFrame.
+
+    One row per open :class:`RayModel` (name, table, version, actors, rows / batches / errors
+    by door, in flight, busy seconds, latency p50 / p99, restarts), from :meth:`RayModel.stats`.
+
+    Example::
+
+        spark_ray_udf.models(spark).createOrReplaceTempView("ray_models")
+        spark.sql("select name, version, rows_sql from ray_models").show()
+    """
+    with _REGISTRY_LOCK:
+        open_models = [m for m in _REGISTRY.values() if not m.closed]
+    rows = []
+    for m in sorted(open_models, key=lambda m: m.name):
+        st = m.stats()
+        rows.append((
+            m.name, m.table, st["version"], st["generation"], len(st["actors"]),
+            st["model_source"], st["rows"]["sql"], st["rows"]["http"], st["batches"]["sql"],
+            st["batches"]["http"], st["errors"]["sql"], st["errors"]["http"], st["in_flight"],
+            float(st["busy_s"]), st["latency_s"]["p50"], st["latency_s"]["p99"], st["restarts"],
+            st["replaced"],
+        ))
+    return spark.createDataFrame(rows, _MODELS_SCHEMA)

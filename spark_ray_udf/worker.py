@@ -38,7 +38,13 @@ import ray
 
 from spark_ray_udf._arrow import NullPolicy, empty_result, prepare_inputs, to_result_array
 from spark_ray_udf._contract import WorkerInfo
-from spark_ray_udf.errors import ModelApplyError, ModelInitError, ModelTableError, SparkRayUdfError
+from spark_ray_udf.errors import (
+    InputError,
+    ModelApplyError,
+    ModelInitError,
+    ModelTableError,
+    SparkRayUdfError,
+)
 from spark_ray_udf.store import Manifest, materialize, rows_from_files, write_model
 
 log = logging.getLogger(__name__)
@@ -252,6 +258,8 @@ class ModelWorker:
             out = self._predict(columns, row_offset, partition, n_rows)
             failed = False
             return out
+        except (InputError, ModelApplyError) as exc:
+            raise _in_partition(exc, partition) from None
         finally:
             seconds = time.perf_counter() - start
             with c.lock:
@@ -270,7 +278,7 @@ class ModelWorker:
         self, columns: list[pa.Array], row_offset: int, partition: int | None, n_rows: int
     ) -> pa.Array:
         spec = self._spec
-        label = spec.function if partition is None else f"{spec.function} (partition {partition})"
+        label = spec.function
         if n_rows == 0:
             return self._with_version(empty_result(spec.return_type)) if spec.with_version else (
                 empty_result(spec.return_type)
@@ -287,8 +295,8 @@ class ModelWorker:
             raise ModelApplyError(
                 f"{label}: apply_func {qualname(spec.apply_func)} raised on actor "
                 f"{self._index} (pid {os.getpid()}, {spec.where}) for rows "
-                f"{row_offset}..{row_offset + n_rows - 1} of the task's partition. The actor's "
-                f"traceback:\n{traceback.format_exc()}"
+                f"{row_offset}..{row_offset + n_rows - 1} of the task{_partition_note(partition)}. "
+                f"The actor's traceback:\n{traceback.format_exc()}"
             ) from None
         out = to_result_array(
             result,
@@ -328,6 +336,25 @@ class ModelWorker:
 
     def _cleanup(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _partition_note(partition: int | None) -> str:
+    return "" if partition is None else f" (spark_partition_id() = {partition})"
+
+
+def _in_partition(exc: SparkRayUdfError, partition: int | None) -> SparkRayUdfError:
+    """``exc`` saying which partition its row numbers count in (they count from 0 in the
+    task's partition: ``spark_partition_id()`` and a row number within it find the row).
+
+    >>> str(_in_partition(InputError("f: argument 1: row 3 is null"), 2))
+    'f: argument 1: row 3 is null [rows count from 0 within the partition with spark_partition_id() = 2]'
+    """
+    text = str(exc)
+    if partition is None or "spark_partition_id()" in text:
+        return exc
+    first, sep, rest = text.partition("\n")
+    note = f" [rows count from 0 within the partition with spark_partition_id() = {partition}]"
+    return type(exc)(first + note + sep + rest)
 
 
 def remote_worker_class() -> Any:

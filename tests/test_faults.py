@@ -267,7 +267,7 @@ def test_every_retry_failing_fails_the_job_naming_function_and_cause(spark, line
         elapsed = time.monotonic() - start
         text = str(info.value)
         assert "RetriesExhaustedError" in text
-        assert "fault_exit: rows 0..9 failed on 2 actors of the pool" in text
+        assert "fault_exit: rows 0..9 of partition 0 failed on 2 actors of the pool" in text
         assert f"namespace {model.namespace!r}" in text and model.address.ray_address in text
         assert "last cause: actor " in text and " died: Actor" in text, "the actor and the cause"
         assert "Raise max_retries= or check why the actors die (out of memory" in text
