@@ -35,6 +35,7 @@ class PoolAddress(NamedTuple):
     call_timeout_s: float
     max_retries: int
     secret: str = ""  # signs the directory entry; only the registrant and its tasks know it
+    min_split_rows: int | None = None  # cut a batch for idle actors when pieces keep this many
 
 
 class WorkerInfo(NamedTuple):

@@ -49,7 +49,7 @@ from spark_ray_udf.errors import (
     RetriesExhaustedError,
     SparkRayUdfError,
 )
-from spark_ray_udf.router import Router, retries_left
+from spark_ray_udf.router import Router, plan_split, retries_left
 
 log = logging.getLogger(__name__)
 
@@ -340,11 +340,29 @@ class PoolClient:
             self._router.done(p.actor, p.generation)
             return out
 
+    def _send(self, columns: list[pa.Array], offset: int) -> list[_Pending]:
+        """Submit one batch: whole, or cut into pieces for the idle actors (``plan_split``).
+        Pieces are compact copies: a pickled Arrow slice would carry its whole parent buffer."""
+        n = len(columns[0])
+        sizes = plan_split(n, self._router.idle(), min_rows=self.address.min_split_rows)
+        if len(sizes) == 1:
+            return [self._submit(_Pending(columns=columns, row_offset=offset))]
+        group, start = [], 0
+        for size in sizes:
+            piece = [pa.concat_arrays([c.slice(start, size)]) for c in columns]
+            group.append(self._submit(_Pending(columns=piece, row_offset=offset + start)))
+            start += size
+        return group
+
+    def _collect_group(self, group: list[_Pending]) -> pa.Array:
+        results = [self._collect(p) for p in group]
+        return results[0] if len(results) == 1 else pa.concat_arrays(results)
+
     def map_batches(self, batches: Iterable[pa.Array | tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
         """Predict every batch of a task, in order."""
         self._partition = _partition()
         self.refresh()
-        pending: deque[_Pending] = deque()
+        pending: deque[list[_Pending]] = deque()
         offset = 0
         limit = max(1, self.address.max_in_flight)
         try:
@@ -357,22 +375,21 @@ class PoolClient:
                         f"e.g. {f}(features)"
                     )
                 n = len(columns[0])
-                p = _Pending(columns=columns, row_offset=offset)
-                offset += n
                 if n == 0:
-                    p.done = pa.array([], type=pa.null())
+                    pending.append([_Pending(columns=columns, row_offset=offset, done=pa.array([], type=pa.null()))])
                 else:
-                    self._submit(p)
-                pending.append(p)
+                    pending.append(self._send(columns, offset))
+                offset += n
                 while len(pending) >= limit:
-                    yield self._collect(pending.popleft())
+                    yield self._collect_group(pending.popleft())
             while pending:
-                yield self._collect(pending.popleft())
+                yield self._collect_group(pending.popleft())
         finally:
             # On an error or an abandoned iterator, forget what is still in flight.
-            for p in pending:
-                if p.ref is not None and p.done is None:
-                    self._router.done(p.actor, p.generation)
+            for group in pending:
+                for p in group:
+                    if p.ref is not None and p.done is None:
+                        self._router.done(p.actor, p.generation)
 
 
 _CLIENTS: OrderedDict[PoolAddress, PoolClient] = OrderedDict()

@@ -140,6 +140,10 @@ class Router:
         """The actor of slot ``i`` answers again."""
         self.slots[i].usable = True
 
+    def idle(self) -> int:
+        """Usable slots with nothing in flight from this caller."""
+        return sum(s.usable and s.in_flight == 0 for s in self.slots)
+
     def unusable(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if not s.usable]
 
@@ -158,3 +162,24 @@ def retries_left(attempts: int, max_retries: int) -> bool:
     (True, False)
     """
     return attempts <= max_retries
+
+
+def plan_split(n_rows: int, idle: int, *, min_rows: int | None) -> list[int]:
+    """Sizes of the pieces one batch of ``n_rows`` is cut into, to keep ``idle`` actors busy.
+
+    A batch is cut only when more than one actor is idle and each piece keeps at least
+    ``min_rows`` rows (``None`` never cuts); pieces differ by at most one row and keep the
+    rows' order, so the results are put back together by concatenation.
+
+    >>> plan_split(1200, 2, min_rows=256)
+    [600, 600]
+    >>> plan_split(1000, 4, min_rows=300)
+    [334, 333, 333]
+    >>> plan_split(400, 2, min_rows=256), plan_split(10_000, 1, min_rows=1), plan_split(9, 3, min_rows=None)
+    ([400], [10000], [9])
+    """
+    if min_rows is None or idle < 2 or n_rows < 2 * max(1, min_rows):
+        return [n_rows]
+    k = min(idle, n_rows // max(1, min_rows))
+    base, extra = divmod(n_rows, k)
+    return [base + (1 if i < extra else 0) for i in range(k)]

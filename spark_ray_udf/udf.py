@@ -353,6 +353,7 @@ def register_ray_model(
     max_retries: int = 3,
     ray_address: str | None = None,
     model_source: ModelSource = "auto",
+    min_split_rows: int | None = 1024,
 ) -> RayModel:
     """Register the model stored in the Delta table ``table`` as the SQL function ``name``.
 
@@ -369,7 +370,9 @@ def register_ray_model(
       returns null for rows with a null argument.
     * ``max_in_flight`` batches per Spark task are in flight at once; every Ray wait times out
       after ``call_timeout_s`` (``init_timeout_s`` for loading); a batch whose actor died is
-      retried on another actor up to ``max_retries`` times.
+      retried on another actor up to ``max_retries`` times. A batch is cut into pieces for the
+      actors this task's worker has idle when each piece keeps at least ``min_split_rows`` rows
+      (None: never), so one large partition keeps every actor busy.
     * ``ray_address`` (or ``RAY_ADDRESS``) selects a Ray cluster; without either, a local Ray
       on 127.0.0.1 is started.
     * ``model_source``: ``"storage"`` has each actor read the version's Parquet files itself
@@ -416,6 +419,10 @@ def register_ray_model(
         raise ValueError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be a positive int (got {max_in_flight!r})")
+    if min_split_rows is not None and (
+        isinstance(min_split_rows, bool) or not isinstance(min_split_rows, int) or min_split_rows < 1
+    ):
+        raise ValueError(f"min_split_rows must be None or a positive int (got {min_split_rows!r})")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be a non-negative int (got {max_retries!r})")
     for opt, t in (("call_timeout_s", call_timeout_s), ("init_timeout_s", init_timeout_s)):
@@ -466,7 +473,10 @@ def register_ray_model(
         init_timeout_s=float(init_timeout_s),
         model_source=model_source,
         spec=spec,
-        extra=(max_in_flight, float(call_timeout_s), max_retries, ray_address, refresh_seconds),
+        extra=(
+            max_in_flight, float(call_timeout_s), max_retries, ray_address, refresh_seconds,
+            min_split_rows,
+        ),
     )
     fingerprint = settings.key(resolved)
     # Also checks that the Ray this driver uses still answers (a TCP connect); after a Ray crash
@@ -501,6 +511,7 @@ def register_ray_model(
         call_timeout_s=float(call_timeout_s),
         max_retries=max_retries,
         secret=pool.directory.secret,
+        min_split_rows=min_split_rows,
     )
     model = RayModel(
         spark=spark,
