@@ -354,6 +354,7 @@ def register_ray_model(
     ray_address: str | None = None,
     model_source: ModelSource = "auto",
     min_split_rows: int | None = 1024,
+    share_model_files: bool = True,
 ) -> RayModel:
     """Register the model stored in the Delta table ``table`` as the SQL function ``name``.
 
@@ -373,6 +374,10 @@ def register_ray_model(
       retried on another actor up to ``max_retries`` times. A batch is cut into pieces for the
       actors this task's worker has idle when each piece keeps at least ``min_split_rows`` rows
       (None: never), so one large partition keeps every actor busy.
+    * ``share_model_files``: the actors on one machine serving the same table version share one
+      copy of its files (written once, under a lock, checksummed; removed by the last of them),
+      so loaders that memory-map (``np.load(mmap_mode="r")``, safetensors) share the page cache
+      too. Pass False when ``init_func`` writes into ``model_dir``.
     * ``ray_address`` (or ``RAY_ADDRESS``) selects a Ray cluster; without either, a local Ray
       on 127.0.0.1 is started.
     * ``model_source``: ``"storage"`` has each actor read the version's Parquet files itself
@@ -465,6 +470,7 @@ def register_ray_model(
         work_root=str(Path(tempfile.gettempdir()) / "spark-ray-udf" / namespace),
         fetch_timeout_s=init_timeout_s,
         with_version=with_version,
+        share_files=bool(share_model_files),
     )
     settings = _Settings(
         table=table,
@@ -475,7 +481,7 @@ def register_ray_model(
         spec=spec,
         extra=(
             max_in_flight, float(call_timeout_s), max_retries, ray_address, refresh_seconds,
-            min_split_rows,
+            min_split_rows, bool(share_model_files),
         ),
     )
     fingerprint = settings.key(resolved)

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from spark_ray_udf import _shared
 from spark_ray_udf._arrow import NullPolicy, empty_result, prepare_inputs, to_result_array
 from spark_ray_udf._contract import WorkerInfo
 from spark_ray_udf.errors import (
@@ -82,6 +83,7 @@ class WorkerSpec:
     fetch_timeout_s: float
     with_version: bool = False
     files: tuple[str, ...] = ()  # read the model from these Parquet files; else chunk refs
+    share_files: bool = True  # one folder per machine for these bytes (see spark_ray_udf._shared)
 
     @property
     def where(self) -> str:
@@ -173,12 +175,21 @@ class ModelWorker:
             log.warning("%s: Ray metrics unavailable on actor %d", spec.function, index, exc_info=True)
             self._metrics = None
         remove_stale_folders(Path(spec.work_root).parent)
+        _shared.sweep()
         Path(spec.work_root).mkdir(parents=True, exist_ok=True)
-        self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=spec.work_root)
+        self._dir = ""
         atexit.register(self._cleanup)
         start = time.monotonic()
         try:
-            self._fetch(chunks)
+            if spec.share_files:
+                key = _shared.folder_key(spec.table, spec.version, spec.manifest)
+                self._dir = str(_shared.acquire(
+                    key, spec.manifest, lambda d: self._fetch(chunks, str(d)),
+                    timeout_s=spec.fetch_timeout_s, where=spec.where,
+                ))
+            else:
+                self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=spec.work_root)
+                self._fetch(chunks, self._dir)
         except SparkRayUdfError as exc:
             self._error = exc
             return
@@ -199,18 +210,18 @@ class ModelWorker:
             )
         self._load_seconds = time.monotonic() - start
 
-    def _fetch(self, chunks: dict[tuple[str, int], Any]) -> None:
+    def _fetch(self, chunks: dict[tuple[str, int], Any], dest: str) -> None:
         spec = self._spec
         if not spec.files:
             materialize(
                 spec.manifest,
                 lambda p, i: ray.get(chunks[(p, i)], timeout=spec.fetch_timeout_s),
-                self._dir,
+                dest,
                 where=spec.where,
             )
             return
         rows = rows_from_files(spec.files, where=spec.where)
-        manifest = write_model(rows, self._dir, where=spec.where)
+        manifest = write_model(rows, dest, where=spec.where)
         # pyarrow's allocator keeps the freed read buffers (~60 MB): give them back before the
         # model is loaded, for the actor's whole life.
         pa.default_memory_pool().release_unused()
@@ -335,7 +346,13 @@ class ModelWorker:
         ray.actor.exit_actor()
 
     def _cleanup(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if not self._dir:
+            return
+        if self._spec.share_files:
+            _shared.release(Path(self._dir))
+        else:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = ""
 
 
 def _partition_note(partition: int | None) -> str:
