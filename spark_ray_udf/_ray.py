@@ -273,3 +273,12 @@ def actor_info(handle: Any) -> dict[str, Any]:
 def actor_restarts(handle: Any) -> int:
     """How many times Ray restarted the actor."""
     return int(actor_info(handle).get("NumRestarts", 0) or 0)
+
+
+def metrics_url() -> str:
+    """The Prometheus endpoint of this node's Ray metrics agent (where the pool's counters
+    appear as ``ray_spark_ray_udf_*``)."""
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    return f"http://127.0.0.1:{int(node.metrics_export_port)}/metrics"

@@ -20,6 +20,7 @@ import logging
 import re
 import tempfile
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -495,7 +496,16 @@ def register_ray_model(
             return existing
         log.info("%s: replacing the pool of %s@v%d", name, existing.table, existing.version)
 
+    t0 = time.monotonic()
     stored = _stored_for_actors(spark, table, resolved, model_source)
+    log.info(
+        "%s: found %s@v%d in %.2fs: %d files, %d bytes, %s",
+        name, table, resolved, time.monotonic() - t0, len(stored.manifest.files),
+        stored.manifest.total_bytes,
+        f"{len(stored.files)} Parquet files the actors read" if stored.files
+        else f"{len(stored.chunks)} chunks in the object store",
+    )
+    t0 = time.monotonic()
     spec = replace(spec, manifest=stored.manifest, files=stored.files)
     settings = replace(settings, spec=spec)
     pool = ModelPool.start(
@@ -535,7 +545,11 @@ def register_ray_model(
         _REGISTRY[name] = model
     if refresh_seconds is not None:
         model._start_polling(float(refresh_seconds))
-    log.info("%s: serving %s@v%d with %d actors", name, table, stored.version, num_actors)
+    log.info(
+        "%s: serving %s@v%d with %d actors (started in %.2fs; load %s)", name, table,
+        stored.version, num_actors, time.monotonic() - t0,
+        ", ".join(f"actor {i.index} {i.load_seconds:.2f}s on {i.node_ip}" for i in pool.infos),
+    )
     return model
 
 

@@ -186,3 +186,29 @@ def test_models_lists_every_registered_function_for_sql(spark, linear_table, ray
         ]
         assert {r["version"] for r in rows} == {linear_table.version}
     assert "nb_models_a" not in {r["name"] for r in models(spark).collect()}
+
+
+def test_counters_reach_rays_metrics_endpoint(spark, linear_table, ray_address):
+    """The actors' counters are Ray metrics: ray_spark_ray_udf_rows_total on Ray's Prometheus
+    endpoint counts the rows of a query, tagged with the function and the door."""
+    import urllib.request
+
+    from spark_ray_udf import _ray
+
+    events(spark, "nb_metrics", 70)
+    with register_ray_model(
+        spark, linear_table.table, "nb_metrics_fn", init_linear, apply_linear,
+        return_type="bigint", num_actors=1,
+    ):
+        spark.sql("select nb_metrics_fn(features) from nb_metrics").collect()
+        url = _ray.metrics_url()
+
+        def rows_exported() -> float:
+            body = urllib.request.urlopen(url, timeout=5).read().decode()
+            return sum(
+                float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                if line.startswith("ray_spark_ray_udf_rows_total{")
+                and 'function="nb_metrics_fn"' in line and 'door="sql"' in line
+            )
+
+        helpers.wait_for(lambda: rows_exported() == 70, 90, "the rows counter on Ray's endpoint")
