@@ -268,7 +268,9 @@ class PoolClient:
             self.refresh()
         p.actor = i
         p.generation = self._router.number
-        p.ref = self._actors[i].predict.remote(p.columns, p.row_offset, self._partition)
+        p.ref = self._actors[i].predict.remote(
+            p.columns, p.row_offset, self._partition, "sql", self._router.node
+        )
         return p
 
     def _check_attempts(self, p: _Pending, cause: BaseException | None) -> None:

@@ -452,6 +452,7 @@ def summarize(pool: ModelPool, actors: list[dict[str, Any]]) -> dict[str, Any]:
         "batches": total("batches"),
         "errors": total("errors"),
         "in_flight": sum(int(a.get("in_flight", 0)) for a in actors),
+        "crossed_nodes": sum(int(a.get("crossed_nodes", 0)) for a in actors),
         "busy_s": sum(float(a.get("busy_s", 0.0)) for a in actors),
         "restarts": sum(int(a.get("restarts", 0)) for a in actors),
         "replaced": pool.replaced,

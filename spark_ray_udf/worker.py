@@ -114,6 +114,7 @@ class _Counters:
         self.errors = dict.fromkeys(DOORS, 0)
         self.busy_s = 0.0
         self.in_flight = 0
+        self.crossed = 0  # batches sent by a caller on another node
         self.latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
 
     def snapshot(self) -> dict[str, Any]:
@@ -124,6 +125,7 @@ class _Counters:
                 "errors": dict(self.errors),
                 "busy_s": self.busy_s,
                 "in_flight": self.in_flight,
+                "crossed_nodes": self.crossed,
                 "latency_s": percentiles(self.latencies),
                 "latency_window": list(self.latencies),
             }
@@ -168,6 +170,7 @@ class ModelWorker:
         self._error: SparkRayUdfError | None = None
         self._counters = _Counters()
         self._started = time.time()
+        self._node = str(ray.get_runtime_context().get_node_id() or "")
         self._load_seconds = 0.0
         try:
             self._metrics: _Metrics | None = _Metrics(spec.function, index)
@@ -249,12 +252,19 @@ class ModelWorker:
         )
 
     def predict(
-        self, columns: list[pa.Array], row_offset: int, partition: int | None = None, door: str = "sql"
+        self,
+        columns: list[pa.Array],
+        row_offset: int,
+        partition: int | None = None,
+        door: str = "sql",
+        caller_node: str = "",
     ) -> pa.Array:
         """Run ``apply_func`` on one Arrow batch and return the Arrow result.
 
         ``row_offset`` is the batch's first row within the Spark task's partition (``partition``,
-        the task's ``spark_partition_id()``), so errors name rows as a user can find them.
+        the task's ``spark_partition_id()``), so errors name rows as a user can find them;
+        ``door`` (``"sql"`` or ``"http"``) and ``caller_node`` (the caller's Ray node id) are
+        counted in :meth:`stats`.
         """
         if self._error is not None:
             raise self._error
@@ -263,6 +273,8 @@ class ModelWorker:
         n_rows = len(columns[0]) if columns else 0
         with c.lock:
             c.in_flight += 1
+            if caller_node and caller_node != self._node:
+                c.crossed += 1
         start = time.perf_counter()
         failed = True
         try:

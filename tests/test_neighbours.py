@@ -161,6 +161,7 @@ def test_stats_count_rows_by_door_and_answer_while_busy(spark, linear_table, ray
         assert after["errors"]["sql"] == 0 and after["latency_s"]["p50"] >= 2.0
         assert sorted(a["pid"] for a in after["actors"]) == sorted(model.actor_pids())
         assert all(a["version"] == model.version and a["node_id"] for a in after["actors"])
+        assert after["crossed_nodes"] == 0  # one machine: every batch stayed on its node
 
 
 def test_models_lists_every_registered_function_for_sql(spark, linear_table, ray_address):
