@@ -238,7 +238,8 @@ class RayModel:
         Returns a dict: ``function``, ``table``, ``version``, ``generation``; ``rows``,
         ``batches`` and ``errors`` by door (``{"sql": n, "http": n}``); ``in_flight``
         batches; ``busy_s``; ``latency_s`` (``p50``/``p95``/``p99`` of the recent batches'
-        ``apply_func`` time); ``restarts`` (by Ray), ``replaced`` (by the watcher),
+        ``apply_func`` time); ``crossed_nodes`` (batches from a Spark task on another node than
+        the actor); ``restarts`` (by Ray), ``replaced`` (by the watcher),
         ``directory_republished``; and ``actors``, one dict per actor with the same counters and
         its ``pid``, ``node_ip``, ``node_id``, ``state``, ``version``, ``load_s``, ``uptime_s``.
 
