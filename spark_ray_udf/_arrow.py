@@ -448,7 +448,7 @@ def _convert_list(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Arra
         )
     try:
         arr = pa.array([None if r is None else np.asarray(r).tolist() for r in result])
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError, OverflowError) as exc:
+    except (pa.ArrowException, ValueError, OverflowError) as exc:
         # ValueError: numpy refuses a ragged row ("inhomogeneous shape")
         raise ModelApplyError(f"{where}: cannot build {t} from the result: {exc}") from exc
     arr = _one_array(arr, where=where, n_rows=n)

@@ -22,6 +22,12 @@ with Spark's default 2 GB driver heap). Loading reads the version's Parquet file
 page by page (about 50 MB of buffers for any model size, no JVM), when the table's files are its
 rows (no deletion vectors or column mapping, see :mod:`spark_ray_udf._delta`); otherwise it
 streams the table partition by partition (``DataFrame.toLocalIterator``).
+
+Validation: a table is input from whoever can write it. The manifest is checked against a
+schema (:func:`parse_manifest`, including a total size of at most ``max_model_bytes``, 64 GiB by
+default) before any chunk is read, and each chunk row against the manifest as it arrives
+(:func:`_collect`), so a lying table fails at its first lying row; the writer keeps at most
+``MAX_OPEN_FILES`` files open (:func:`write_model`).
 """
 
 from __future__ import annotations
@@ -154,7 +160,9 @@ def _int_field(doc: Mapping[str, Any], key: str, lo: int, hi: int, *, where: str
     return value
 
 
-def _str_field(doc: Mapping[str, Any], key: str, *, where: str, what: str, default: str | None = None) -> str:
+def _str_field(
+    doc: Mapping[str, Any], key: str, *, where: str, what: str, default: str | None = None
+) -> str:
     value = doc.get(key, default)
     if not isinstance(value, str) or len(value) > 4096:
         raise ModelTableError(
@@ -1020,9 +1028,12 @@ def locate(
     except Exception as exc:  # AnalysisException and friends: the Spark path reports them
         return _not_direct(where, f"DESCRIBE DETAIL failed ({type(exc).__name__}: {str(exc)[:300]})")
     if not info.direct:
+        features = sorted(info.features & _delta.NOT_DIRECT)
+        words = {"deletionVectors": "deletion vectors", "columnMapping": "column mapping"}
+        uses = ", ".join(words.get(f, "catalog-managed commits") for f in features)
         return _not_direct(
-            where, f"the table uses {sorted(info.features & _delta.NOT_DIRECT)}, so its Parquet "
-            "files are not its rows"
+            where, f"the table uses {uses} ({', '.join(features)}), so its Parquet files are not "
+            "its rows"
         )
     files = sorted(_read_version(spark, table, version).inputFiles())
     if not files:

@@ -504,10 +504,19 @@ def test_write_model_keeps_at_most_max_open_files_open(tmp_path: Path) -> None:
         rows += [ChunkRow("file", p, idx, 2, 7, sha(b), sha(b[part]), b[part]) for p, b in bodies.items()]
     peak = 0
 
+    def open_under(folder: Path) -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/")
+            except OSError:  # closed meanwhile (the listing's own descriptor)
+                pass
+        return count
+
     def counting() -> Iterator[Any]:
         nonlocal peak
         for r in rows:
-            peak = max(peak, sum(1 for fd in os.listdir("/proc/self/fd") if str(tmp_path) in os.path.realpath(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}")))
+            peak = max(peak, open_under(tmp_path))
             yield r
 
     assert write_model(counting(), tmp_path, where="t@v0") == m
