@@ -684,7 +684,10 @@ def latest_version(spark: SparkSession, table: str) -> int:
         try:
             found = _delta.latest_from_log(location)
         except (OSError, ValueError, NotImplementedError) as exc:
-            log.debug("%s: listing the Delta log failed (%s); asking Spark", table, exc)
+            log.warning(
+                "%s: listing the Delta log failed (%s); asking Spark's Delta history instead "
+                "(~100 ms a call)", table, exc,
+            )
             _delta.forget(table)
             found = None
         if found is not None:
