@@ -25,6 +25,12 @@ from spark_ray_udf.errors import InputError, ModelApplyError
 
 NullPolicy = Literal["error", "skip"]
 
+# Spark reads each batch's result as one Arrow array of its default types, whose strings and
+# lists are addressed with 32-bit offsets: at most 2**31 - 1 bytes of strings (or elements of a
+# list) per array. Past that pyarrow splits the result into chunks, which Spark refuses
+# ("iterator of ChunkedArray"), naming neither the function nor the rows.
+MAX_ARRAY_BYTES = 2**31 - 1
+
 _NUMERIC_HINT = "cast it in SQL, e.g. cast(col as double) or cast(col as array<float>)"
 
 
@@ -253,6 +259,73 @@ def to_result_array(
     if kept is not None:
         indices = np.cumsum(kept) - 1
         arr = arr.take(pa.array(indices, mask=~kept))
+    check_fits(arr, where=where, n_rows=n_rows)
+    if arr.type != return_type:
+        raise ModelApplyError(
+            f"{where}: built {arr.type} for return type {return_type}; return values of the "
+            "declared type"
+        )
+    return arr
+
+
+def _offset_span(arr: pa.Array) -> int:
+    """How many bytes (strings) or elements (lists) the offsets of ``arr`` span."""
+    if len(arr) == 0:
+        return 0
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type) or (
+        pa.types.is_large_list(arr.type)
+    )
+    offsets = np.frombuffer(
+        arr.buffers()[1], dtype=np.int64 if large else np.int32, count=len(arr) + 1,
+        offset=arr.offset * (8 if large else 4),
+    )
+    return int(offsets[-1]) - int(offsets[0])
+
+
+def _span(arr: pa.Array) -> int:
+    t = arr.type
+    if _is_stringy(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return arr.nbytes if pa.types.is_string_view(t) else _offset_span(arr)
+    if pa.types.is_fixed_size_list(t):
+        return len(arr) * t.list_size
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _offset_span(arr)
+    return 0
+
+
+def check_fits(arr: pa.Array | pa.ChunkedArray, *, where: str, n_rows: int) -> None:
+    """Refuse a result that one Arrow array for Spark cannot hold: more than
+    :data:`MAX_ARRAY_BYTES` bytes of strings, or list elements, in a column or a nested level.
+
+    >>> check_fits(pa.array(["a", "bc"]), where="f: rows 0..1", n_rows=2)
+    >>> check_fits(pa.chunked_array([["a"], ["b"]]), where="f: rows 0..1", n_rows=2)
+    """
+    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+    total = sum(_span(c) for c in chunks)
+    if total > MAX_ARRAY_BYTES:
+        what = "elements in its arrays" if _is_list(arr.type) else "bytes of strings"
+        raise ModelApplyError(
+            f"{where}: the result holds {total:,} {what} ({arr.type}), more than one Arrow array "
+            f"of a batch can hold ({MAX_ARRAY_BYTES:,}); make the batches smaller: lower "
+            f"spark.sql.execution.arrow.maxRecordsPerBatch (this batch has {n_rows} rows), or "
+            "return smaller values"
+        )
+    for c in chunks:
+        if _is_list(c.type) and len(c):
+            check_fits(c.flatten(), where=where, n_rows=n_rows)
+        elif pa.types.is_struct(c.type):
+            for child in c.flatten():
+                check_fits(child, where=where, n_rows=n_rows)
+
+
+def _one_array(arr: pa.Array | pa.ChunkedArray, *, where: str, n_rows: int) -> pa.Array:
+    """``arr`` as one array, after :func:`check_fits` (pyarrow chunks what overflows)."""
+    check_fits(arr, where=where, n_rows=n_rows)
+    if isinstance(arr, pa.ChunkedArray):
+        try:
+            return arr.combine_chunks()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ModelApplyError(f"{where}: cannot combine the result's chunks: {exc}") from exc
     return arr
 
 
@@ -274,7 +347,7 @@ def _convert(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
         else:
             result = result.to_numpy()  # pandas Series with a numpy dtype, tf.Tensor
     if isinstance(result, pa.ChunkedArray):
-        result = result.combine_chunks()
+        result = _one_array(result, where=where, n_rows=n)
     got = _length(result)
     if got != n:
         shape = getattr(result, "shape", None)
@@ -287,7 +360,7 @@ def _convert(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
     if _is_list(t):
         return _convert_list(result, t, n, where=where)
     if isinstance(result, pa.Array):
-        arr = result
+        arr = _one_array(result, where=where, n_rows=n)
     else:
         values = np.asarray(result)
         if values.ndim != 1:
@@ -301,9 +374,20 @@ def _convert(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Array:
 
 def _to_arrow(values: Any, what: str, *, where: str) -> pa.Array:
     try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        arr = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
         raise ModelApplyError(f"{where}: cannot convert {what} to Arrow: {exc}") from exc
+    except OverflowError as exc:
+        raise ModelApplyError(
+            f"{where}: cannot convert {what} to Arrow ({exc}); round or clip them to the range "
+            "of the return type"
+        ) from exc
+    except pa.ArrowCapacityError as exc:
+        raise ModelApplyError(
+            f"{where}: {what} do not fit one Arrow array ({exc}); make the batches smaller: lower "
+            "spark.sql.execution.arrow.maxRecordsPerBatch, or return smaller values"
+        ) from exc
+    return _one_array(arr, where=where, n_rows=len(arr))
 
 
 def _cast(arr: pa.Array, t: pa.DataType, *, where: str) -> pa.Array:
@@ -341,9 +425,15 @@ def _convert_list(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Arra
     if isinstance(result, pa.Array):
         if not _is_list(result.type):
             raise ModelApplyError(f"{where}: got {result.type} for return type {t}")
-        return _cast_list(result, t, where=where)
+        return _cast_list(_one_array(result, where=where, n_rows=n), t, where=where)
     if isinstance(result, np.ndarray) and result.ndim >= 2 and result.dtype != object:
         width = result.shape[1]
+        if n * width > MAX_ARRAY_BYTES:
+            raise ModelApplyError(
+                f"{where}: the result holds {n * width:,} array elements (shape {result.shape}), "
+                f"more than one Arrow array of a batch can hold ({MAX_ARRAY_BYTES:,}); make the "
+                "batches smaller: lower spark.sql.execution.arrow.maxRecordsPerBatch"
+            )
         flat = result.reshape((n * width,) + result.shape[2:])
         values = _convert(flat, value_type, n * width, where=where)
         offsets = pa.array(np.arange(n + 1, dtype=np.int64) * width, type=pa.int32())
@@ -358,8 +448,10 @@ def _convert_list(result: Any, t: pa.DataType, n: int, *, where: str) -> pa.Arra
         )
     try:
         arr = pa.array([None if r is None else np.asarray(r).tolist() for r in result])
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+    except (pa.ArrowException, ValueError, OverflowError) as exc:
+        # ValueError: numpy refuses a ragged row ("inhomogeneous shape")
         raise ModelApplyError(f"{where}: cannot build {t} from the result: {exc}") from exc
+    arr = _one_array(arr, where=where, n_rows=n)
     if not _is_list(arr.type) and not pa.types.is_null(arr.type):
         raise ModelApplyError(f"{where}: got {arr.type} for return type {t}")
     return _cast_list(arr, t, where=where)

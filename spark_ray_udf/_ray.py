@@ -13,12 +13,15 @@ instead of hanging in Ray's own retries.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from spark_ray_udf.errors import RayUnavailableError
 
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 _lock = threading.Lock()
+T = TypeVar("T")
 
 
 def split_address(address: str) -> tuple[str, int] | None:
@@ -112,6 +116,10 @@ def is_loopback(address: str) -> bool:
 def ensure_ray(address: str | None = None) -> str:
     """Connect the driver to Ray (starting a local one if needed) and return the GCS address.
 
+    Safe to call first from any thread: ``ray.init`` runs on the main thread or on one thread
+    that lives as long as the process (:func:`on_lasting_thread`), so the local Ray it starts
+    lives as long as the driver process, not as long as the calling thread.
+
     Example::
 
         gcs = ensure_ray()          # local Ray on 127.0.0.1, dashboard off
@@ -130,21 +138,91 @@ def ensure_ray(address: str | None = None) -> str:
         if address:
             check_reachable(address)
             log.info("connecting to Ray at %s", address)
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            on_lasting_thread(
+                lambda: ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            )
         else:
             log.info("starting a local Ray on 127.0.0.1 (dashboard off)")
             _loopback_only()
-            ray.init(
-                # "local": never join a cluster some `ray start` left on this machine (address
-                # None would, through /tmp/ray/ray_current_cluster)
-                address="local",
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-                logging_level=logging.WARNING,
+            on_lasting_thread(
+                lambda: ray.init(
+                    # "local": never join a cluster some `ray start` left on this machine
+                    # (address None would, through /tmp/ray/ray_current_cluster)
+                    address="local",
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
             )
         stop_error_listener()
         return str(ray.get_runtime_context().gcs_address)
+
+
+START_TIMEOUT_S = 300.0
+_starter_jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+_starter: threading.Thread | None = None
+_starter_lock = threading.Lock()
+
+
+def _serve_starter_jobs() -> None:
+    while True:
+        _starter_jobs.get()()
+
+
+def on_lasting_thread(func: Callable[[], T], *, timeout_s: float = START_TIMEOUT_S) -> T:
+    """Run ``func`` on a thread that lives as long as this process, and return its result.
+
+    ``ray.init`` without an address starts Ray's GCS, raylet and helpers as child processes
+    with ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Ray's "fate sharing"). Linux sends that signal
+    when the *thread* that forked the child exits, not the process: a first
+    ``register_ray_model`` called from a web handler, a scheduler job or a notebook's background
+    thread started a Ray that was SIGKILLed as soon as that thread ended, and a minute later Ray
+    ended the whole driver ("Failed to connect to GCS within 60 seconds").
+
+    The main thread lives as long as the process (the interpreter waits for non-daemon threads
+    before it ends), so it calls ``func`` itself, and Ray installs its SIGTERM handler as usual.
+    Any other thread hands ``func`` to one daemon thread started for this purpose, which never
+    returns (a daemon thread is not joined at exit, so it outlives every ``atexit`` close; a
+    ``ThreadPoolExecutor`` thread would end before them). Waits at most ``timeout_s`` for it:
+    then :class:`RayUnavailableError` (the start may still complete in the background).
+
+    >>> on_lasting_thread(lambda: threading.current_thread() is threading.main_thread())
+    True
+    >>> box = []
+    >>> t = threading.Thread(target=lambda: box.append(on_lasting_thread(
+    ...     lambda: threading.current_thread().name)))
+    >>> t.start(); t.join()
+    >>> box
+    ['spark-ray-udf-ray-starter']
+    """
+    global _starter
+    if threading.current_thread() is threading.main_thread():
+        return func()
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def job() -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            done.set_result(func())
+        except BaseException as exc:  # handed to the caller, re-raised there
+            done.set_exception(exc)
+
+    with _starter_lock:
+        if _starter is None:
+            _starter = threading.Thread(
+                target=_serve_starter_jobs, name="spark-ray-udf-ray-starter", daemon=True
+            )
+            _starter.start()
+    _starter_jobs.put(job)
+    try:
+        return done.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError as exc:
+        raise RayUnavailableError(
+            f"starting or joining Ray did not finish within {timeout_s:.0f}s; look at Ray's logs "
+            "(/tmp/ray/session_latest/logs) or start Ray yourself and pass ray_address"
+        ) from exc
 
 
 def _alive(address: str) -> bool:

@@ -33,7 +33,8 @@ import pyarrow as pa
 from spark_ray_udf._arrow import NullPolicy, check_return_type
 from spark_ray_udf._contract import PoolAddress
 from spark_ray_udf.client import predict_batches
-from spark_ray_udf.errors import ModelTableError, PoolClosedError
+from spark_ray_udf.errors import ModelTableError, PoolClosedError, RayUnavailableError
+from spark_ray_udf.store import DEFAULT_MAX_MODEL_BYTES
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -118,41 +119,72 @@ def _local_only(uri: str) -> bool:
     return uri.startswith("file:") or "://" not in uri
 
 
-def _ray_is_this_machine() -> bool:
-    """True when every live Ray node is the one this driver is attached to."""
+NODES_TIMEOUT_S = 30.0
+
+
+def _ray_is_this_machine(timeout_s: float = NODES_TIMEOUT_S) -> bool:
+    """True when every live Ray node is the one this driver is attached to.
+
+    ``ray.nodes()`` has no timeout of its own (a GCS that accepts connections but does not
+    answer would hold the registration forever): it runs in a daemon thread, waited for at most
+    ``timeout_s``, then :class:`~spark_ray_udf.errors.RayUnavailableError`.
+    """
+    import concurrent.futures
+
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    return all(n["NodeID"] == here for n in ray.nodes() if n.get("Alive"))
+    answer: concurrent.futures.Future[list[dict[str, Any]]] = concurrent.futures.Future()
+
+    def ask() -> None:
+        try:
+            answer.set_result(ray.nodes())
+        except BaseException as exc:  # handed to the waiting caller
+            answer.set_exception(exc)
+
+    threading.Thread(target=ask, name="spark-ray-udf-ray-nodes", daemon=True).start()
+    try:
+        nodes = answer.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        raise RayUnavailableError(
+            f"Ray's GCS did not list its nodes within {timeout_s:.0f}s (ray.nodes()); Ray is "
+            "overloaded or stuck: look at its logs, or pass model_source='storage' or "
+            "'object_store' to skip this check"
+        ) from None
+    return all(n["NodeID"] == here for n in nodes if n.get("Alive"))
 
 
 def _stored_for_actors(
-    spark: SparkSession, table: str, version: int, source: ModelSource
-) -> StoredModel[Any]:
+    spark: SparkSession, table: str, version: int, source: ModelSource, max_model_bytes: int
+) -> tuple[StoredModel[Any], str]:
     """How the actors get ``table@version``: its Parquet files (``files`` set, nothing held by
-    the driver) or chunks the driver reads and pins in the object store."""
+    the driver) or chunks the driver reads and pins in the object store; and, for the object
+    store under ``model_source="auto"``, why (logged at WARNING; else "")."""
     import ray
 
-    from spark_ray_udf.store import locate_model, read_model
+    from spark_ray_udf.store import locate, read_model
 
+    reason = "model_source='object_store'"
     if source != "object_store":
-        located = locate_model(spark, table, version)
-        if located is not None and (
-            source == "storage" or not _local_only(located.files[0]) or _ray_is_this_machine()
-        ):
-            return located
+        located, reason = locate(spark, table, version, max_model_bytes=max_model_bytes)
+        if located is not None:
+            if source == "storage" or not _local_only(located.files[0]) or _ray_is_this_machine():
+                return located, ""
+            reason = "its files are on this machine's disk and Ray has other nodes"
         if source == "storage":
-            why = (
-                "its files are on this machine's disk and Ray has other nodes"
-                if located is not None
-                else "the table uses deletion vectors, column mapping or catalog-managed commits, "
-                "or pyarrow cannot open its storage"
-            )
             raise ModelTableError(
                 f"{table}@v{version}: model_source='storage' asks the actors to read the table's "
-                f"Parquet files, but {why}; pass model_source='auto' or 'object_store'"
+                f"Parquet files, but {reason}; pass model_source='auto' or 'object_store'"
             )
-    return read_model(spark, table, version=version, sink=lambda p, i, data: ray.put(data))
+        log.warning(
+            "%s@v%d: model_source='auto' falls back to the object store (the driver reads the "
+            "model and pins it in Ray's object store): %s", table, version, reason,
+        )
+    stored = read_model(
+        spark, table, version=version, sink=lambda p, i, data: ray.put(data),
+        max_model_bytes=max_model_bytes,
+    )
+    return stored, reason
 
 
 @dataclass(frozen=True)
@@ -166,6 +198,7 @@ class _Settings:
     model_source: ModelSource
     spec: WorkerSpec  # its version and manifest are those of the first load
     extra: tuple[Any, ...]  # client-side options: in flight, timeouts, retries, address, refresh
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the manifest check (store.parse_manifest)
 
     def key(self, version: int) -> str:
         """Equal for two registrations that would serve the same thing the same way."""
@@ -173,7 +206,7 @@ class _Settings:
         return _fingerprint(
             self.table, version, s.init_func, s.apply_func, dict(s.conf), self.num_actors,
             dict(self.actor_options), str(s.return_type), s.on_null, s.with_version, self.extra,
-            self.model_source,
+            self.model_source, self.max_model_bytes,
         )
 
 
@@ -204,6 +237,16 @@ class RayModel:
         self._poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
         self.last_reload_error: BaseException | None = None
+        self.model_source: Literal["storage", "object_store"] = "storage"
+        """Where the actors read the served version from: ``"storage"`` (the table's Parquet
+        files) or ``"object_store"`` (chunks the driver read and pinned in Ray's object store)."""
+        self.model_source_reason = ""
+        """Why the served version comes from the object store ("" when it does not), e.g. the
+        table uses deletion vectors; ``model_source="auto"`` also logs it at WARNING."""
+
+    def _set_source(self, stored: StoredModel[Any], reason: str) -> None:
+        self.model_source = "storage" if stored.files else "object_store"
+        self.model_source_reason = reason
 
     @property
     def table(self) -> str:
@@ -250,7 +293,7 @@ class RayModel:
         self._check_open()
         out = self._pool.stats()
         out["name"] = self.name
-        out["model_source"] = "storage" if self._pool.stored.files else "object_store"
+        out["model_source"], out["model_source_reason"] = self.model_source, self.model_source_reason
         return out
 
     def _check_open(self) -> None:
@@ -281,7 +324,9 @@ class RayModel:
             if target == self.version:
                 return target
             s = self._settings
-            stored = _stored_for_actors(self._spark, self.table, target, s.model_source)
+            stored, reason = _stored_for_actors(
+                self._spark, self.table, target, s.model_source, s.max_model_bytes
+            )
             spec = replace(
                 s.spec, version=stored.version, manifest=stored.manifest, files=stored.files
             )
@@ -293,6 +338,7 @@ class RayModel:
                 init_timeout_s=s.init_timeout_s,
             )
             self._fingerprint = s.key(stored.version)
+            self._set_source(stored, reason)
             log.info("%s: now serving %s@v%d", self.name, self.table, stored.version)
             return stored.version
 
@@ -357,6 +403,7 @@ def register_ray_model(
     model_source: ModelSource = "auto",
     min_split_rows: int | None = 1024,
     share_model_files: bool = True,
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
 ) -> RayModel:
     """Register the model stored in the Delta table ``table`` as the SQL function ``name``.
 
@@ -388,7 +435,11 @@ def register_ray_model(
       put them in Ray's object store, pinned while the pool lives (for actors that cannot reach
       the table's storage). ``"auto"`` (default) picks storage unless the table uses deletion
       vectors or column mapping, pyarrow cannot open it, or it is on local disk and Ray has
-      other machines.
+      other machines; ``model.model_source`` says which was taken and
+      ``model.model_source_reason`` why not storage (the fallback is also logged at WARNING).
+    * ``max_model_bytes`` (64 GiB by default): the driver checks the version's manifest before
+      any actor starts, and refuses a model whose files add up to more (raise it for larger
+      models); each actor then checks every chunk against that manifest as it arrives.
 
     Registering the same name again with the same table version, functions and options reuses
     the running pool; anything else replaces it.
@@ -422,6 +473,8 @@ def register_ray_model(
         raise ValueError(
             f"model_source must be 'auto', 'storage' or 'object_store' (got {model_source!r})"
         )
+    if isinstance(max_model_bytes, bool) or not isinstance(max_model_bytes, int) or max_model_bytes < 1:
+        raise ValueError(f"max_model_bytes must be a positive int (got {max_model_bytes!r})")
     if on_null not in ("error", "skip"):
         raise ValueError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
@@ -485,6 +538,7 @@ def register_ray_model(
             max_in_flight, float(call_timeout_s), max_retries, ray_address, refresh_seconds,
             min_split_rows, bool(share_model_files),
         ),
+        max_model_bytes=max_model_bytes,
     )
     fingerprint = settings.key(resolved)
     # Also checks that the Ray this driver uses still answers (a TCP connect); after a Ray crash
@@ -498,7 +552,7 @@ def register_ray_model(
         log.info("%s: replacing the pool of %s@v%d", name, existing.table, existing.version)
 
     t0 = time.monotonic()
-    stored = _stored_for_actors(spark, table, resolved, model_source)
+    stored, source_reason = _stored_for_actors(spark, table, resolved, model_source, max_model_bytes)
     log.info(
         "%s: found %s@v%d in %.2fs: %d files, %d bytes, %s",
         name, table, resolved, time.monotonic() - t0, len(stored.manifest.files),
@@ -539,6 +593,7 @@ def register_ray_model(
         settings=settings,
         fingerprint=fingerprint,
     )
+    model._set_source(stored, source_reason)
     model._register(spark)
     if existing is not None and not existing.closed:
         existing.close()

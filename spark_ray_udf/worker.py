@@ -224,7 +224,8 @@ class ModelWorker:
             )
             return
         rows = rows_from_files(spec.files, where=spec.where)
-        manifest = write_model(rows, dest, where=spec.where)
+        # checked against the manifest the driver checked, from the first row on
+        manifest = write_model(rows, dest, where=spec.where, expected=spec.manifest)
         # pyarrow's allocator keeps the freed read buffers (~60 MB): give them back before the
         # model is loaded, for the actor's whole life.
         pa.default_memory_pool().release_unused()

@@ -409,7 +409,9 @@ def test_save_refuses_symlink_loop(spark: Any, tmp_path: Path) -> None:
 
 
 def test_walk_follows_symlinked_folders_and_files(tmp_path: Path) -> None:
-    """Files inside a symlinked folder, and symlinked files, are part of the model."""
+    """With follow_symlinks=True, files inside a folder linked from outside, and files linked
+    from outside, are part of the model (by default such links are refused:
+    tests/test_hostile_tables.py)."""
     outside = tmp_path / "shared"
     (outside / "inner").mkdir(parents=True)
     (outside / "inner" / "w.bin").write_bytes(b"w")
@@ -418,7 +420,7 @@ def test_walk_follows_symlinked_folders_and_files(tmp_path: Path) -> None:
     src.mkdir()
     (src / "linked").symlink_to(outside, target_is_directory=True)
     (src / "file.bin").symlink_to(tmp_path / "blob")
-    files, dirs = _walk(src)
+    files, dirs = _walk(src, follow_symlinks=True)
     assert files == ["file.bin", "linked/inner/w.bin"]
     assert dirs == ["linked", "linked/inner"]
 
@@ -500,10 +502,18 @@ def test_manifest_json_round_trip() -> None:
     assert Manifest.from_json(m.to_json(), where="t@v0") == m
 
 
-@pytest.mark.parametrize("body", [b"not json", b'{"format": "other/1", "files": []}', b'{"format": "spark-ray-udf/1"}'])
-def test_unreadable_manifest(body: bytes) -> None:
-    """A manifest that is not JSON, of another format or incomplete raises ModelTableError naming the table."""
-    with pytest.raises(ModelTableError, match=r"^t@v2: the manifest row is unreadable"):
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"not json", "the manifest row is unreadable"),
+        (b'{"format": "other/1", "files": []}', "the manifest row is unreadable"),
+        (b'{"format": "spark-ray-udf/1"}', "the manifest's field 'chunk_size' must be an integer"),
+    ],
+)
+def test_unreadable_manifest(body: bytes, message: str) -> None:
+    """A manifest that is not JSON, of another format or incomplete raises ModelTableError naming
+    the table (and the field; more cases in tests/test_hostile_tables.py)."""
+    with pytest.raises(ModelTableError, match=rf"^t@v2: {message}"):
         Manifest.from_json(body, where="t@v2")
 
 
@@ -515,8 +525,11 @@ def test_materialize_refuses_wrong_size(tmp_path: Path) -> None:
     materialize(m, lambda p, i: good, tmp_path / "ok", where="t@v0")
     assert (tmp_path / "ok" / "f.txt").read_bytes() == good
     (tmp_path / "bad").mkdir()
-    with pytest.raises(ModelTableError, match=r"t@v0: file 'f.txt' fails its check after loading \(size 4, expected 5"):
+    with pytest.raises(ModelTableError, match=r"t@v0: chunk 0 of 'f.txt' holds 4 bytes, but the manifest's file size 5 and chunk size 10 make it 5"):
         materialize(m, lambda p, i: b"hell", tmp_path / "bad", where="t@v0")
+    (tmp_path / "worse").mkdir()
+    with pytest.raises(ModelTableError, match=r"t@v0: file 'f.txt' fails its check after loading \(size 5, expected 5; sha256 mismatch"):
+        materialize(m, lambda p, i: b"jello", tmp_path / "worse", where="t@v0")
 
 
 # --- reading a version's Parquet files directly (pyarrow) or through Spark ----------------------
@@ -554,8 +567,9 @@ def test_write_model_takes_rows_in_any_order(spark: Any, versioned_table: str, m
 
 
 def test_write_model_refuses_a_truncated_chunk(spark: Any, versioned_table: str, tmp_path: Path) -> None:
-    """A chunk whose bytes (and chunk sha256) were cut short leaves a file of the right size
-    with the wrong bytes or a hole: the whole-file check names the file."""
+    """A chunk whose bytes (and chunk sha256) were cut short is refused at its row: its length
+    is not what the manifest's file size and chunk size make it (before, it left a file with a
+    hole that only the whole-file check caught)."""
     from spark_ray_udf.store import ChunkRow, locate_model, rows_from_files, write_model as write_rows
 
     located = locate_model(spark, versioned_table, 1)
@@ -566,7 +580,7 @@ def test_write_model_refuses_a_truncated_chunk(spark: Any, versioned_table: str,
             short = r.data[:-10]
             r = ChunkRow(**{**r._asdict(), "data": short, "chunk_sha256": hashlib.sha256(short).hexdigest()})
         rows.append(r)
-    with pytest.raises(ModelTableError, match=r"^t@v1: file 'weights.bin' fails its check after loading"):
+    with pytest.raises(ModelTableError, match=r"^t@v1: chunk 0 of 'weights.bin' holds 990 bytes, but the manifest's file size 2100 and chunk size 1000 make it 1000 \(field 'data'\)"):
         write_rows(iter(rows), tmp_path, where="t@v1")
 
 
