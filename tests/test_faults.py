@@ -587,7 +587,10 @@ def run_driver(ray_address: str, tmp_path: Path, how: str) -> dict[str, Any]:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("POOL ")]
     assert lines, f"rc {proc.returncode}:\n{proc.stderr[-4000:]}"
     state = json.loads(lines[0][len("POOL "):])
-    assert len(state["pids"]) == 2 and all(Path(d).is_dir() for d in state["dirs"])
+    from spark_ray_udf._shared import models_root
+
+    # the model folder is the machine's shared copy of these bytes (share_files=True)
+    assert len(state["pids"]) == 2 and all(Path(d).is_relative_to(models_root()) for d in state["dirs"])
     return state
 
 
