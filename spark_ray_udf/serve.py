@@ -531,6 +531,21 @@ class _Failure(Exception):
         super().__init__(message)
         self.status = status
 
+    @classmethod
+    def of(cls, exc: BaseException) -> _Failure:
+        r"""The answer for a library error; a 500 keeps the first line only (an ``apply_func``
+        traceback stays in the replica's log, it is not sent to the client).
+
+        >>> _Failure.of(ModelApplyError("f: apply_func raised. The actor's traceback:\nboom")).args
+        ("f: apply_func raised. The actor's traceback: (in the Serve replica's log)",)
+        """
+        status = _status_of(exc)
+        message = str(exc)
+        if status >= 500 and "\n" in message:
+            log.error("HTTP %d: %s", status, message)
+            message = message.splitlines()[0] + " (in the Serve replica's log)"
+        return cls(status, message)
+
 
 def _status_of(exc: BaseException) -> int:
     """The HTTP status for a library error.
@@ -731,11 +746,11 @@ class HttpIngress:
                 if len(indices) > 1:  # one request's rows may be at fault: each alone
                     await asyncio.gather(*(run([i]) for i in indices))
                     return
-                outcomes[indices[0]].error = _Failure(_status_of(exc), str(exc))
+                outcomes[indices[0]].error = _Failure.of(exc)
                 return
             except SparkRayUdfError as exc:
                 for i in indices:
-                    outcomes[i].error = _Failure(_status_of(exc), str(exc))
+                    outcomes[i].error = _Failure.of(exc)
                 return
             for i, piece in zip(indices, pieces):
                 outcomes[i].predictions, outcomes[i].version = piece, version
@@ -762,7 +777,8 @@ class HttpIngress:
         except _Failure as exc:
             return _error_response(exc.status, str(exc))
         except SparkRayUdfError as exc:
-            return _error_response(_status_of(exc), str(exc))
+            failure = _Failure.of(exc)
+            return _error_response(failure.status, str(failure))
 
     async def _describe(self) -> Any:
         await self._door.refresh()
