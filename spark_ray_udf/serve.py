@@ -854,6 +854,7 @@ class HttpDoor(NamedTuple):
 
 _LOCK = threading.Lock()
 _APPS: dict[str, HttpDoor] = {}  # the doors this process started, by application name
+_PROXY: tuple[str, int] | None = None  # host and port of the Serve this process started
 
 
 def app_name(function: str) -> str:
@@ -893,13 +894,20 @@ def start_http(
 
     name = app_name(address.function)
     prefix = options.prefix_for(address.function)
+    global _PROXY
     with _LOCK:
         started = False
         if not _serve_running(serve):
             serve.start(http_options={"host": options.host, "port": options.port})
-            started = True
+            started, _PROXY = True, (options.host, options.port)
         else:
             started = any(d.started_serve for d in _APPS.values())
+            if started and _PROXY is not None and _PROXY != (options.host, options.port):
+                raise ValueError(
+                    f"{address.function}: Serve already listens on {_PROXY[0]}:{_PROXY[1]} for "
+                    f"this Ray cluster (one HTTP proxy per cluster); serve on that host and port, "
+                    "or close the models served there first"
+                )
         metadata = {
             "name": address.function,
             "table": table,

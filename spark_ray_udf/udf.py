@@ -336,7 +336,10 @@ class RayModel:
         requests (waiting ``batch_wait_timeout_s`` at most) become one actor call; beyond
         ``max_queued_requests`` waiting, requests get 503 with ``Retry-After``. Binds
         ``host`` (loopback by default: see docs/security.md before exposing it). ``reload()``
-        moves HTTP with SQL; ``close()`` deletes the Serve application. Needs
+        moves HTTP with SQL; ``close()`` deletes the Serve application (and so does registering
+        the name again with other options, which closes this model: call ``serve()`` on the
+        new one). Calling ``serve()`` again updates the application in place. Serve has one
+        HTTP proxy per Ray cluster: the first ``serve()`` decides its host and port. Needs
         ``spark-ray-udf[serve]``. Returns the URL.
 
         Example (``tests/test_serve.py`` runs it)::
