@@ -11,7 +11,7 @@ DEMO_DIR ?= demo_data
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,tensorflow]"
+	$(PY) -m pip install -q -e ".[dev,tensorflow,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,6 +20,7 @@ demo: install
 	$(PY) jobs/train_mnist.py --data-dir $(DEMO_DIR)
 	$(PY) jobs/batch_predict.py --data-dir $(DEMO_DIR)
 	$(PY) jobs/stream_predict.py --data-dir $(DEMO_DIR)
+	$(PY) jobs/serve_model.py --data-dir $(DEMO_DIR) --once
 
 test: install
 	$(PY) -m pytest

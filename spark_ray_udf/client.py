@@ -87,6 +87,37 @@ def _partition() -> int | None:
     return None if ctx is None else int(ctx.partitionId())
 
 
+def entry_key(namespace: str) -> bytes:
+    """The key of a pool's directory entry in Ray's KV store (namespace ``KV_NAMESPACE``).
+
+    >>> entry_key("spark-ray-udf.f.0123")
+    b'spark-ray-udf.f.0123/generation'
+    """
+    return namespace.encode() + b"/" + ENTRY_KEY
+
+
+def lookup_actor(address: PoolAddress, ref: ActorRef) -> Any:
+    """The handle of one actor of a directory entry, checked to be the actor the entry names
+    (:class:`PoolIntegrityError` otherwise); None when it is gone. Shared by the Spark loop and
+    the HTTP door (:mod:`spark_ray_udf.serve`)."""
+    import ray
+
+    from spark_ray_udf._ray import actor_id_of
+
+    try:
+        handle = ray.get_actor(ref.name, namespace=address.namespace)
+    except ValueError as exc:  # gone for good: the watcher is replacing it
+        log.info("%s: actor %s is gone (%s)", address.function, ref.name, exc)
+        return None
+    if actor_id_of(handle) != ref.actor_id:
+        raise PoolIntegrityError(
+            f"{address.function}: the actor named {ref.name!r} in the pool's namespace "
+            f"is not the one its registrant started (id {actor_id_of(handle)}, expected "
+            f"{ref.actor_id}); refusing to send it rows: register the function again"
+        )
+    return handle
+
+
 class PoolClient:
     """Sends a task's batches to the pool's actors. One per (process, pool)."""
 
@@ -125,9 +156,8 @@ class PoolClient:
         from spark_ray_udf._ray import kv_get
 
         a = self.address
-        key = a.namespace.encode() + b"/" + ENTRY_KEY
         try:
-            return kv_get(key, namespace=KV_NAMESPACE, timeout_s=min(a.call_timeout_s, 30.0))
+            return kv_get(entry_key(a.namespace), namespace=KV_NAMESPACE, timeout_s=min(a.call_timeout_s, 30.0))
         except Exception as exc:  # the GCS did not answer: say whether Ray is gone
             self._check_ray("the pool's directory entry")
             raise CallTimeoutError(
@@ -165,25 +195,10 @@ class PoolClient:
 
     def _lookup(self, ref: ActorRef) -> Any:
         """The handle of one actor of the entry, checked to be the actor the entry names."""
-        import ray
-
-        from spark_ray_udf._ray import actor_id_of
-
         known = self._handles.get(ref.actor_id)
         if known is not None:
             return known
-        try:
-            handle = ray.get_actor(ref.name, namespace=self.address.namespace)
-        except ValueError as exc:  # gone for good: the watcher is replacing it
-            log.info("%s: actor %s is gone (%s)", self.address.function, ref.name, exc)
-            return None
-        if actor_id_of(handle) != ref.actor_id:
-            raise PoolIntegrityError(
-                f"{self.address.function}: the actor named {ref.name!r} in the pool's namespace "
-                f"is not the one its registrant started (id {actor_id_of(handle)}, expected "
-                f"{ref.actor_id}); refusing to send it rows: register the function again"
-            )
-        return handle
+        return lookup_actor(self.address, ref)
 
     def _readmit(self) -> None:
         """Take back actors that failed once they answer a ping (never blocks).

@@ -49,6 +49,11 @@ class PoolIntegrityError(SparkRayUdfError, RuntimeError):
     job wrote it, or it is damaged): it is refused rather than used."""
 
 
+class MissingDependencyError(SparkRayUdfError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install
+    (``pip install 'spark-ray-udf[serve]'``)."""
+
+
 class CallTimeoutError(SparkRayUdfError, TimeoutError):
     """A Ray call did not answer within its timeout."""
 
@@ -61,6 +66,7 @@ class RetriesExhaustedError(SparkRayUdfError, RuntimeError):
 __all__ = [
     "CallTimeoutError",
     "InputError",
+    "MissingDependencyError",
     "ModelApplyError",
     "ModelInitError",
     "ModelNotFoundError",

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from spark_ray_udf._contract import WorkerInfo
     from spark_ray_udf.pool import ModelPool
+    from spark_ray_udf.serve import HttpDoor
     from spark_ray_udf.store import StoredModel
     from spark_ray_udf.worker import WorkerSpec
 
@@ -237,6 +238,7 @@ class RayModel:
         self._poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
         self.last_reload_error: BaseException | None = None
+        self._http: HttpDoor | None = None  # the HTTP door, while serve() runs it
         self.model_source: Literal["storage", "object_store"] = "storage"
         """Where the actors read the served version from: ``"storage"`` (the table's Parquet
         files) or ``"object_store"`` (chunks the driver read and pinned in Ray's object store)."""
@@ -360,11 +362,76 @@ class RayModel:
         self._poller = threading.Thread(target=poll, name=f"spark-ray-udf-refresh-{self.name}", daemon=True)
         self._poller.start()
 
+    def serve(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        route_prefix: str | None = None,
+        input_types: Sequence[str | DataType | pa.DataType] | Mapping[str, Any] | None = None,
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.01,
+        max_ongoing_requests: int | None = None,
+        max_queued_requests: int = 256,
+    ) -> str:
+        """Answer HTTP too, from the same actors (a Ray Serve ingress; see :mod:`spark_ray_udf.serve`).
+
+        ``POST <url>/predict`` takes ``{"instances": [...]}``, ``{"inputs": ...}`` or an Arrow
+        IPC stream and answers ``{"predictions": [...], "model_version": N}`` (Arrow for Arrow);
+        ``GET <url>`` describes the function. ``input_types`` (Spark DDL or Arrow types, one per
+        argument, or ``{name: type}``) sets how JSON converts; else numbers are ``double``,
+        lists ``array<double>``, strings ``string``. Up to ``max_batch_size`` concurrent
+        requests (waiting ``batch_wait_timeout_s`` at most) become one actor call; beyond
+        ``max_queued_requests`` waiting, requests get 503 with ``Retry-After``. Binds
+        ``host`` (loopback by default: see docs/security.md before exposing it). ``reload()``
+        moves HTTP with SQL; ``close()`` deletes the Serve application (and so does registering
+        the name again with other options, which closes this model: call ``serve()`` on the
+        new one). Calling ``serve()`` again updates the application in place. Serve has one
+        HTTP proxy per Ray cluster: the first ``serve()`` decides its host and port. Needs
+        ``spark-ray-udf[serve]``. Returns the URL.
+
+        Example (``tests/test_serve.py`` runs it)::
+
+            url = model.serve(port=8000)        # http://127.0.0.1:8000/model_predict
+            # curl -d '{"instances": [[0.1, 0.2, ...]]}' http://127.0.0.1:8000/model_predict/predict
+        """
+        from spark_ray_udf.serve import HttpOptions, input_spec, start_http
+
+        self._check_open()
+        options = HttpOptions(
+            host=host,
+            port=port,
+            route_prefix=route_prefix,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+            max_ongoing_requests=max_ongoing_requests,
+            max_queued_requests=max_queued_requests,
+        )
+        spec = input_spec(input_types)
+        with self._reload_lock:
+            self._check_open()
+            self._http = start_http(
+                self.address,
+                table=self.table,
+                return_type=self.return_type.simpleString(),
+                spec=spec,
+                options=options,
+            )
+        return self._http.url
+
     def close(self) -> None:
-        """Stop polling, stop the actors and release the model from the object store. Idempotent."""
+        """Stop polling, the HTTP door (if any), the actors, and release the model from the
+        object store. Idempotent."""
         self._stop_polling.set()
         with self._reload_lock:
-            self._pool.close()
+            door, self._http = self._http, None
+            try:
+                if door is not None:
+                    from spark_ray_udf.serve import stop_http
+
+                    stop_http(door)  # first: no HTTP request reaches a stopping actor
+            finally:
+                self._pool.close()
         with _REGISTRY_LOCK:
             if _REGISTRY.get(self.name) is self:
                 del _REGISTRY[self.name]

@@ -235,6 +235,14 @@ def apply_slow(model: tuple[LinearModel, dict[str, Any]], x: np.ndarray) -> np.n
     return linear.predict(x)
 
 
+def apply_slow_score(model: tuple[LinearModel, dict[str, Any]], x: np.ndarray) -> np.ndarray:
+    """``double``: the highest class score of each row, after sleeping ``conf["sleep_s"]`` per
+    batch (tests/test_serve.py: both doors, overload)."""
+    linear, conf = model
+    time.sleep(float(conf.get("sleep_s", 0.0)))
+    return linear.scores(x).max(axis=1)
+
+
 def apply_exit(model: Any, x: np.ndarray) -> np.ndarray:
     """Kill the actor's own process on every batch, the way an out-of-memory kill would."""
     os._exit(3)
