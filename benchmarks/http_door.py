@@ -1,4 +1,4 @@
-"""S6: the HTTP door. Requests/s and p50/p99 latency at 1, 8 and 32 concurrent clients for
+"""S7: the HTTP door. Requests/s and p50/p99 latency at 1, 8 and 32 concurrent clients for
 
 * ``e-http``: spark-ray-udf's ``model.serve()``, a Serve ingress forwarding to the pool's own
   actors (the model copies that also answer SQL), and
@@ -9,7 +9,7 @@ same Serve proxy, same JSON body (one row per request, ``{"instances": [row]}``)
 options, same number of model copies (``cfg.actors`` replicas), measured in the same run. Each
 client is a thread with one keep-alive HTTP connection sending its requests back to back.
 
-``make bench`` runs it as S6 with the digits MLP (``benchmarks/run.py``). A smoke run, with the
+``make bench`` runs it as S7 with the digits MLP (``benchmarks/run.py``). A smoke run, with the
 numpy linear model (no TensorFlow), tiny sizes, its own Spark and Ray, checks it still works::
 
     .venv/bin/python benchmarks/http_door.py --smoke
@@ -147,7 +147,7 @@ def run_http(
     concurrency: Sequence[int] = CONCURRENCY,
     pools: dict[str, Any] | None = None,
 ) -> Scenario:
-    """Measure both contenders; returns the S6 :class:`Scenario`."""
+    """Measure both contenders; returns the S7 :class:`Scenario`."""
     from ray import serve
 
     from spark_ray_udf import register_ray_model
@@ -176,7 +176,7 @@ def run_http(
         for clients in concurrency:
             for key, path in paths.items():
                 results[key][clients] = load(port, path, body, clients=clients, requests=requests)
-                log.info("S6 %s, %d clients: %s", key, clients, results[key][clients])
+                log.info("S7 %s, %d clients: %s", key, clients, results[key][clients])
         stats = model.stats()
     finally:
         try:
@@ -186,7 +186,7 @@ def run_http(
             if pools is not None:
                 pools.pop("bench_http", None)
 
-    sc = Scenario("S6", "The HTTP door: model.serve() on the pool's actors vs a plain Ray Serve deployment")
+    sc = Scenario("S7", "The HTTP door: model.serve() on the pool's actors vs a plain Ray Serve deployment")
     sc.setup = [
         f"One row per request (`{input_type}`), {requests} requests per client, back to back, one "
         f"keep-alive connection per client; {', '.join(map(str, concurrency))} concurrent clients.",
@@ -209,15 +209,15 @@ def run_http(
     mid = sorted(concurrency)[len(concurrency) // 2]
     ratio = results["e-http"][mid]["rps"] / max(results["serve"][mid]["rps"], 1e-9)
     sc.targets = [
-        Target(f"S6 HTTP requests/s vs plain Serve at {mid} clients", ">= 0.8x (serve)",
+        Target(f"S7 HTTP requests/s vs plain Serve at {mid} clients", ">= 0.8x (serve)",
                f"{ratio:.2f}x", ratio >= 0.8),
     ]
     sc.data["http"] = results
     return sc
 
 
-def s6(b: Bench, paths: dict[str, Any]) -> Scenario:
-    """S6 in ``make bench``: the digits MLP."""
+def s7(b: Bench, paths: dict[str, Any]) -> Scenario:
+    """S7 in ``make bench``: the digits MLP."""
     from benchmarks import models
     from spark_ray_udf import init_keras
 
@@ -232,7 +232,7 @@ def s6(b: Bench, paths: dict[str, Any]) -> Scenario:
 
 
 def smoke(data: Path) -> Scenario:
-    """Tiny sizes, the numpy linear model: checks that S6 runs (numbers mean nothing)."""
+    """Tiny sizes, the numpy linear model: checks that S7 runs (numbers mean nothing)."""
     import ray
 
     from spark_ray_udf import save_model
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(ROOT / "bench_data" / "http_smoke"))
     args = parser.parse_args(argv)
     if not args.smoke:
-        parser.error("run S6 through benchmarks/run.py (make bench); here only --smoke")
+        parser.error("run S7 through benchmarks/run.py (make bench); here only --smoke")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     sc = smoke(Path(args.data_dir))
     for title, header, rows in sc.tables:

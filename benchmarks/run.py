@@ -1,4 +1,4 @@
-"""``make bench``: run S1-S6 (S6, the HTTP door: benchmarks/http_door.py), write docs/benchmarks.md and docs/benchmarks.png, print a summary.
+"""``make bench``: run S1-S5 and S7 (S7, the HTTP door: benchmarks/http_door.py), write docs/benchmarks.md and docs/benchmarks.png, print a summary.
 
     .venv/bin/python benchmarks/run.py            # the full run (< 20 min on 2 cores)
     .venv/bin/python benchmarks/run.py --quick    # small sizes, 1 round: a smoke test
@@ -51,7 +51,7 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and 1 round (smoke test)")
-    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6", help="comma-separated scenarios")
+    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S7", help="comma-separated scenarios")
     parser.add_argument("--no-profile", action="store_true", help="skip the S1 profile")
     parser.add_argument("--s3-real-idle", action="store_true",
                         help="S3: wait 75 s between micro-batches and let Spark kill the idle workers")
@@ -134,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             sc = attempt("S3", lambda: s3(bench, mlp_paths))
             if sc:
                 scenarios["S3"] = sc
-        if "S6" in wanted:
-            from benchmarks.http_door import s6
+        if "S7" in wanted:
+            from benchmarks.http_door import s7
             from benchmarks.scenarios import prepare_mlp
 
             mlp_paths = mlp_paths or prepare_mlp(bench)
-            sc = attempt("S6", lambda: s6(bench, mlp_paths))
+            sc = attempt("S7", lambda: s7(bench, mlp_paths))
             if sc:
-                scenarios["S6"] = sc
+                scenarios["S7"] = sc
         bench.close_pools()
         if "S2" in wanted:
             sc = attempt("S2", lambda: s2(bench))
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - e.g. a JVM that died: still write the report
                 log.warning("stopping %s failed: %r", what, exc)
     elapsed = time.perf_counter() - started
-    ordered = {k: scenarios[k] for k in ("S1", "S2", "S3", "S4", "S5", "S6") if k in scenarios}
+    ordered = {k: scenarios[k] for k in ("S1", "S2", "S3", "S4", "S5", "S6", "S7") if k in scenarios}
     state = dict(scenarios=ordered, profile=profile, cfg=cfg, elapsed=elapsed, versions=_versions(),
                  failures=failures, load_at_start=load_at_start)
     try:
