@@ -2,17 +2,21 @@
 
 >>> import spark_ray_udf
 >>> sorted(spark_ray_udf.__all__)[:3]
-['CallTimeoutError', 'InputError', 'ModelApplyError']
+['CallTimeoutError', 'ConfigError', 'ConfigTypeError']
 """
 
 from spark_ray_udf.builtins import apply_keras, init_keras
 from spark_ray_udf.errors import (
     CallTimeoutError,
+    ConfigError,
+    ConfigTypeError,
     InputError,
+    MissingDependencyError,
     ModelApplyError,
     ModelInitError,
     ModelNotFoundError,
     ModelTableError,
+    PlacementError,
     PoolClosedError,
     RayUnavailableError,
     RetriesExhaustedError,
@@ -25,11 +29,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallTimeoutError",
+    "ConfigError",
+    "ConfigTypeError",
     "InputError",
+    "MissingDependencyError",
     "ModelApplyError",
     "ModelInitError",
     "ModelNotFoundError",
     "ModelTableError",
+    "PlacementError",
     "PoolClosedError",
     "RayModel",
     "RayUnavailableError",

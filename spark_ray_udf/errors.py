@@ -48,6 +48,25 @@ class CallTimeoutError(SparkRayUdfError, TimeoutError):
     """A Ray call did not answer within its timeout."""
 
 
+class ConfigError(SparkRayUdfError, ValueError):
+    """An argument of a library function has a value it cannot use (a name that is not a SQL
+    identifier, a negative count, an unknown mode); the message names it and what is allowed."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument of a library function has the wrong type (also a :class:`ConfigError`)."""
+
+
+class MissingDependencyError(SparkRayUdfError, ImportError):
+    """An optional package is not installed; the message names the extra to install."""
+
+
+class PlacementError(SparkRayUdfError, RuntimeError):
+    """Ray cannot place the actors of a pool: the request per actor fits no node of the cluster,
+    or the cluster is full. The message names the request, what the cluster has in total and
+    free, which registered functions hold it, and the fix."""
+
+
 class RetriesExhaustedError(SparkRayUdfError, RuntimeError):
     """The actors serving a batch died more than ``max_retries`` times (out of memory, killed,
     ``apply_func`` crashing the process); the message names the rows and the last cause."""
@@ -55,11 +74,15 @@ class RetriesExhaustedError(SparkRayUdfError, RuntimeError):
 
 __all__ = [
     "CallTimeoutError",
+    "ConfigError",
+    "ConfigTypeError",
     "InputError",
+    "MissingDependencyError",
     "ModelApplyError",
     "ModelInitError",
     "ModelNotFoundError",
     "ModelTableError",
+    "PlacementError",
     "PoolClosedError",
     "RayUnavailableError",
     "RetriesExhaustedError",
