@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from spark_ray_udf.errors import ConfigError
+
 
 def choose_actor(
     in_flight: Sequence[int],
@@ -30,7 +32,7 @@ def choose_actor(
     True
     """
     if len(in_flight) != len(usable):
-        raise ValueError(f"in_flight has {len(in_flight)} entries but usable has {len(usable)}")
+        raise ConfigError(f"in_flight has {len(in_flight)} entries but usable has {len(usable)}")
     n = len(in_flight)
     best: int | None = None
     for step in range(n):

@@ -61,6 +61,10 @@ class MissingDependencyError(SparkRayUdfError, ImportError):
     """An optional package is not installed; the message names the extra to install."""
 
 
+class DestinationExistsError(SparkRayUdfError, FileExistsError):
+    """A folder the library would write into already holds files (``load_model``'s ``dest``)."""
+
+
 class PlacementError(SparkRayUdfError, RuntimeError):
     """Ray cannot place the actors of a pool: the request per actor fits no node of the cluster,
     or the cluster is full. The message names the request, what the cluster has in total and
@@ -76,6 +80,7 @@ __all__ = [
     "CallTimeoutError",
     "ConfigError",
     "ConfigTypeError",
+    "DestinationExistsError",
     "InputError",
     "MissingDependencyError",
     "ModelApplyError",

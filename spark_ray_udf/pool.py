@@ -534,7 +534,7 @@ def start_actors(
         infos = _wait_ready(spec, actors, opts, timeout_s=timeout_s, cancel=cancel, watch=watch)
     except RayTaskError as exc:
         stop_actors(actors, graceful=False)
-        raise _unwrap(exc) from None
+        raise _unwrap(exc) from None  # re-raised: the actor's own error (ready() raises ours)
     except RayActorError as exc:
         stop_actors(actors, graceful=False)
         hint = ""

@@ -40,7 +40,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
 
 from spark_ray_udf import _delta
-from spark_ray_udf.errors import ModelNotFoundError, ModelTableError
+from spark_ray_udf.errors import (
+    ConfigError,
+    DestinationExistsError,
+    ModelNotFoundError,
+    ModelTableError,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -105,7 +110,7 @@ class Manifest:
         try:
             doc = json.loads(bytes(data))
             if doc.get("format") != FORMAT:
-                raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+                raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")  # caught below
             files = tuple(ModelFile(**f) for f in doc["files"])
             return cls(
                 files=files,
@@ -301,9 +306,9 @@ def save_model(
     if not src.is_dir():
         raise ModelNotFoundError(f"{src}: not a folder; save_model() stores a model folder")
     if chunk_size <= 0 or chunk_size > 512 * 1024 * 1024:
-        raise ValueError(f"chunk_size must be in 1..512 MiB (got {chunk_size!r})")
+        raise ConfigError(f"chunk_size must be in 1..512 MiB (got {chunk_size!r})")
     if mode not in ("overwrite", "error"):
-        raise ValueError(f"mode must be 'overwrite' or 'error' (got {mode!r})")
+        raise ConfigError(f"mode must be 'overwrite' or 'error' (got {mode!r})")
     ref = TableRef(table)
     if mode == "error" and _table_exists(spark, ref):
         raise ModelTableError(
@@ -779,7 +784,7 @@ def load_model(
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
     if any(root.iterdir()):
-        raise FileExistsError(f"{root}: the folder is not empty; load_model() needs an empty folder")
+        raise DestinationExistsError(f"{root}: the folder is not empty; load_model() needs an empty folder")
     v = resolve_version(spark, table, version)
     where = f"{table}@v{v}"
     try:
