@@ -7,17 +7,26 @@ resources Ray asks per actor (the way Ray does: ``accelerator_type="A100"`` asks
 bundle is too small), and :func:`placement_message` writes the error: the request, what the
 cluster has in total and free, which registered functions hold it, and the fix.
 
-``pool.start_actors`` feeds them Ray's own view (the GCS actor table and resource state, read in
-:mod:`spark_ray_udf._ray`): an impossible request fails before any actor starts; an actor that no
+:class:`PlacementWatch` feeds them Ray's own view (the GCS actor table and resource state, read
+in :mod:`spark_ray_udf._ray`) for ``pool.start_actors``: an impossible request fails before any actor starts; an actor that no
 node takes while no node has room for it fails the pool after :data:`FULL_GRACE_S`, unless an
 autoscaler runs (then it waits, up to ``init_timeout_s``, and logs what it waits for).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from spark_ray_udf.errors import PlacementError
+
+if TYPE_CHECKING:
+    from spark_ray_udf._ray import ClusterResources
+
+log = logging.getLogger(__name__)
 
 Resources = Mapping[str, float]
 
@@ -262,3 +271,114 @@ def placement_message(
         )
     lines.append(f"Fix: {fix}.")
     return "\n".join(lines)
+
+
+class PlacementWatch:
+    """Checks, with Ray's own view, that a generation's actors can be placed: the rules above,
+    fed by the GCS reads of :mod:`spark_ray_udf._ray` (which says why not the state API).
+    ``pool.start_actors`` calls :meth:`before_start`, then :meth:`check` between its waits."""
+
+    def __init__(
+        self,
+        function: str,
+        where: str,
+        opts: Mapping[str, Any],
+        num_actors: int,
+        holders: Callable[[], Sequence[Holder]] | None,
+    ) -> None:
+        self.function, self.where, self.num_actors, self.holders = function, where, num_actors, holders
+        self.request = actor_request(opts)
+        self.strategy = opts.get("scheduling_strategy")
+        self.group = getattr(self.strategy, "placement_group", None)
+        self.blocked_since: float | None = None
+        self.autoscaler: bool | None = None
+
+    def _nodes(self) -> tuple[list[Node], ClusterResources]:
+        from spark_ray_udf import _ray
+
+        view = _ray.cluster_resources()
+        return [Node(i, t, f) for i, t, f in view.nodes], view
+
+    def _group(self) -> tuple[list[dict[str, float]], int, str, str]:
+        import ray
+
+        table = ray.util.placement_group_table(self.group)
+        index = int(getattr(self.strategy, "placement_group_bundle_index", -1) or -1)
+        return list(self.group.bundle_specs), index, str(table.get("state")), str(table.get("strategy"))
+
+    def _has_autoscaler(self) -> bool:
+        if self.autoscaler is None:
+            from spark_ray_udf import _ray
+
+            self.autoscaler = _ray.autoscaler_running()
+        return self.autoscaler
+
+    def _fail(self, waiting: int, reason: str, view: ClusterResources, nodes: list[Node], fix: str) -> None:
+        raise PlacementError(
+            placement_message(
+                function=self.function, where=self.where, request=self.request,
+                num_actors=self.num_actors, waiting=waiting, nodes=nodes,
+                holders=list(self.holders()) if self.holders else [], reason=reason,
+                demand=view.demand, fix=fix,
+            )
+        )
+
+    def before_start(self) -> None:
+        """Refuse a request no node (or bundle) could ever hold, before any actor starts."""
+        nodes, view = self._nodes()
+        if self.group is not None:
+            bundles, index, state, strategy = self._group()
+            why = unfit_reason(self.request, nodes, bundles=bundles, bundle_index=index)
+            if why is None and state != "CREATED":
+                why = group_unfit_reason(bundles, strategy, nodes)
+        else:
+            why = unfit_reason(self.request, nodes, strategy=self.strategy)
+        if why is None:
+            return
+        if self._has_autoscaler():
+            log.warning(
+                "%s: %s; an autoscaler runs, so the pool waits (up to init_timeout_s) for it to "
+                "add such a node", self.function, why,
+            )
+            return
+        self._fail(self.num_actors, why, view, nodes, FIX_NEVER)
+
+    def check(self, waiting: list[Any], waited_s: float) -> str:
+        """Raise :class:`PlacementError` when the actors still waiting cannot be placed; else
+        say what they wait for."""
+        from spark_ray_udf import _ray
+
+        unplaced = [p for p in (_ray.actor_placement(a) for a in waiting) if not p.placed and p.state != "DEAD"]
+        if not unplaced:
+            self.blocked_since = None
+            return "placed, loading the model"
+        nodes, view = self._nodes()
+        required = unplaced[0].required or self.request
+        why = unfit_reason(required, nodes, strategy=self.strategy if self.group is None else None)
+        if self.group is not None:
+            _, _, state, _ = self._group()
+            if state != "CREATED":
+                why = None if waited_s < FULL_GRACE_S else f"its placement group is still {state}"
+            elif why is not None:
+                why = None  # the group's bundle resources exist only on its nodes: "full" below
+        if why is None and any(fits(required, n.free) for n in nodes):
+            self.blocked_since = None
+            return f"{len(unplaced)} being placed"
+        now = time.monotonic()
+        self.blocked_since = self.blocked_since or now
+        if self._has_autoscaler():
+            return (
+                f"{len(unplaced)} not placed: no node has room for "
+                f"{format_resources(self.request)}; waiting for the autoscaler to add one"
+            )
+        if why is not None:
+            self._fail(len(unplaced), why, view, nodes, FIX_NEVER)
+        if now - self.blocked_since >= FULL_GRACE_S:
+            self._fail(
+                len(unplaced),
+                f"no node has room for one more for {now - self.blocked_since:.0f}s and no "
+                "autoscaler runs (a reload or re-registration starts its new actors beside the "
+                "old ones)",
+                view, nodes, FIX_FULL,
+            )
+        return f"{len(unplaced)} not placed: no node has room now"

@@ -36,14 +36,13 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from spark_ray_udf import _ray, placement
+from spark_ray_udf import placement
 from spark_ray_udf._arrow import NullPolicy, empty_result, prepare_inputs, to_result_array
 from spark_ray_udf.errors import (
     CallTimeoutError,
     ModelApplyError,
     ModelInitError,
     ModelTableError,
-    PlacementError,
     PoolClosedError,
     SparkRayUdfError,
 )
@@ -527,7 +526,7 @@ def start_actors(
     remote_cls = ray.remote(ModelWorker)
     opts = {**DEFAULT_ACTOR_OPTIONS, **options}
     numbers = list(range(num_actors)) if indices is None else indices
-    watch = _PlacementWatch(spec, opts, num_actors, holders)
+    watch = placement.PlacementWatch(spec.function, spec.where, opts, num_actors, holders)
     watch.before_start()
     actors = [remote_cls.options(**opts).remote(spec, i, stored.chunks) for i in numbers]
     try:
@@ -571,7 +570,8 @@ def check_placement(
 ) -> None:
     """Raise :class:`PlacementError` when no node (or bundle) of the cluster could ever hold one
     actor with ``options``: at registration, before the model is read. One GCS call."""
-    _PlacementWatch(spec, {**DEFAULT_ACTOR_OPTIONS, **options}, num_actors, holders).before_start()
+    opts = {**DEFAULT_ACTOR_OPTIONS, **options}
+    placement.PlacementWatch(spec.function, spec.where, opts, num_actors, holders).before_start()
 
 
 WAIT_STEP_S = 1.0  # one ray.wait of the ready loop: how soon a cancel or a placement check acts
@@ -589,7 +589,7 @@ def _wait_ready(
     *,
     timeout_s: float,
     cancel: threading.Event | None,
-    watch: _PlacementWatch,
+    watch: placement.PlacementWatch,
 ) -> list[WorkerInfo]:
     """Short ``ray.wait``s on every actor's ``ready()`` until all answered; between them check
     ``cancel``, the exit, the deadline and placement, and log what is awaited."""
@@ -627,107 +627,6 @@ def _wait_ready(
                 what, timeout_s,
             )
     return [infos[r] for r in refs]
-
-
-class _PlacementWatch:
-    """Checks, with Ray's own view, that a generation's actors can be placed (see
-    :mod:`spark_ray_udf.placement` for the rules and ``_ray`` for why it reads the GCS)."""
-
-    def __init__(
-        self,
-        spec: WorkerSpec,
-        opts: Mapping[str, Any],
-        num_actors: int,
-        holders: Callable[[], Sequence[Holder]] | None,
-    ) -> None:
-        self.spec, self.num_actors, self.holders = spec, num_actors, holders
-        self.request = placement.actor_request(opts)
-        self.strategy = opts.get("scheduling_strategy")
-        self.group = getattr(self.strategy, "placement_group", None)
-        self.blocked_since: float | None = None
-        self.autoscaler: bool | None = None
-
-    def _nodes(self) -> tuple[list[placement.Node], _ray.ClusterResources]:
-        view = _ray.cluster_resources()
-        return [placement.Node(i, t, f) for i, t, f in view.nodes], view
-
-    def _group(self) -> tuple[list[dict[str, float]], int, str, str]:
-        table = ray.util.placement_group_table(self.group)
-        index = int(getattr(self.strategy, "placement_group_bundle_index", -1) or -1)
-        return list(self.group.bundle_specs), index, str(table.get("state")), str(table.get("strategy"))
-
-    def _has_autoscaler(self) -> bool:
-        if self.autoscaler is None:
-            self.autoscaler = _ray.autoscaler_running()
-        return self.autoscaler
-
-    def _fail(self, waiting: int, reason: str, view: _ray.ClusterResources, nodes: list[placement.Node], fix: str) -> None:
-        raise PlacementError(
-            placement.placement_message(
-                function=self.spec.function, where=self.spec.where, request=self.request,
-                num_actors=self.num_actors, waiting=waiting, nodes=nodes,
-                holders=list(self.holders()) if self.holders else [], reason=reason,
-                demand=view.demand, fix=fix,
-            )
-        )
-
-    def before_start(self) -> None:
-        """Refuse a request no node (or bundle) could ever hold, before any actor starts."""
-        nodes, view = self._nodes()
-        if self.group is not None:
-            bundles, index, state, strategy = self._group()
-            why = placement.unfit_reason(self.request, nodes, bundles=bundles, bundle_index=index)
-            if why is None and state != "CREATED":
-                why = placement.group_unfit_reason(bundles, strategy, nodes)
-        else:
-            why = placement.unfit_reason(self.request, nodes, strategy=self.strategy)
-        if why is None:
-            return
-        if self._has_autoscaler():
-            log.warning(
-                "%s: %s; an autoscaler runs, so the pool waits (up to init_timeout_s) for it to "
-                "add such a node", self.spec.function, why,
-            )
-            return
-        self._fail(self.num_actors, why, view, nodes, placement.FIX_NEVER)
-
-    def check(self, waiting: list[Any], waited_s: float) -> str:
-        """Raise :class:`PlacementError` when the actors still waiting cannot be placed; else
-        say what they wait for."""
-        unplaced = [p for p in (_ray.actor_placement(a) for a in waiting) if not p.placed and p.state != "DEAD"]
-        if not unplaced:
-            self.blocked_since = None
-            return "placed, loading the model"
-        nodes, view = self._nodes()
-        required = unplaced[0].required or self.request
-        why = placement.unfit_reason(required, nodes, strategy=self.strategy if self.group is None else None)
-        if self.group is not None:
-            _, _, state, _ = self._group()
-            if state != "CREATED":
-                why = None if waited_s < placement.FULL_GRACE_S else f"its placement group is still {state}"
-            elif why is not None:
-                why = None  # the group's bundle resources exist only on its nodes: "full" below
-        if why is None and any(placement.fits(required, n.free) for n in nodes):
-            self.blocked_since = None
-            return f"{len(unplaced)} being placed"
-        now = time.monotonic()
-        self.blocked_since = self.blocked_since or now
-        if self._has_autoscaler():
-            return (
-                f"{len(unplaced)} not placed: no node has room for "
-                f"{placement.format_resources(self.request)}; waiting for the autoscaler to add one"
-            )
-        if why is not None:
-            self._fail(len(unplaced), why, view, nodes, placement.FIX_NEVER)
-        if now - self.blocked_since >= placement.FULL_GRACE_S:
-            self._fail(
-                len(unplaced),
-                f"no node has room for one more for {now - self.blocked_since:.0f}s and no "
-                "autoscaler runs (a reload or re-registration starts its new actors beside the "
-                "old ones)",
-                view, nodes, placement.FIX_FULL,
-            )
-        return f"{len(unplaced)} not placed: no node has room now"
 
 
 def _current_gcs() -> str:

@@ -7,6 +7,7 @@ processes of this driver, ``ray::ModelWorker``), not of the library.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -121,9 +122,10 @@ def test_one_name_different_arguments_from_threads_leaves_one_pool(spark, linear
             m.close()
 
 
-def test_close_cancels_a_reload_in_progress(spark, slow_versions):
+def test_close_cancels_a_reload_in_progress(spark, slow_versions, caplog):
     """close() while reload() loads a slow version returns in seconds; the reload raises
-    PoolClosedError and no actor of either generation is left."""
+    PoolClosedError and no actor of either generation is left. Meanwhile the wait logs what
+    it waits for."""
     model = register_ray_model(
         spark, slow_versions.table, "race_reload", helpers.init_sleep_file, apply_linear,
         return_type="bigint", version=slow_versions.fast,
@@ -145,7 +147,12 @@ def test_close_cancels_a_reload_in_progress(spark, slow_versions):
         "the reload's new actors to start loading",
     )
     loading = helpers.actor_processes("ModelWorker") - baseline
-    time.sleep(1.0)
+    with caplog.at_level(logging.INFO, logger="spark_ray_udf.pool"):
+        helpers.wait_for(
+            lambda: "s still waiting for 2 of 2 actors to load "
+            f"{slow_versions.table}@v{slow_versions.slow} (placed, loading the model;" in caplog.text,
+            30, "the ready loop's log line",
+        )
     start = time.monotonic()
     model.close()
     closed_in = time.monotonic() - start
