@@ -199,11 +199,12 @@ def test_exit_during_loads_is_bounded(spark, slow_versions, tmp_path):
     threads exits within seconds (the loads are cancelled), not after init_func's 60 s."""
     script = tmp_path / "exit_app.py"
     script.write_text(EXIT_APP)
+    log_path = tmp_path / "exit_app.err"
+    err = log_path.open("w")  # a file, not a pipe: Spark's start-up log would fill a pipe
     proc = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path), slow_versions.table, str(slow_versions.fast),
          str(slow_versions.slow)],
-        cwd=ROOT, env=helpers.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        cwd=ROOT, env=helpers.subprocess_env(), stdout=subprocess.PIPE, stderr=err, text=True,
     )
     try:
         assert proc.stdout is not None
@@ -211,13 +212,15 @@ def test_exit_during_loads_is_bounded(spark, slow_versions, tmp_path):
             if line.startswith("EXITING"):
                 break
         else:
-            pytest.fail(f"the app ended before its loads started: {proc.stderr.read()[-3000:]}")
+            pytest.fail(f"the app ended before its loads started: {log_path.read_text()[-3000:]}")
         start = time.monotonic()
         proc.wait(timeout=SLOW_S + 60)
         took = time.monotonic() - start
     finally:
         if proc.poll() is None:
             proc.kill()
-    stderr = proc.stderr.read() if proc.stderr else ""
+            proc.wait(timeout=30)
+        err.close()
+    stderr = log_path.read_text()
     assert took < 25, f"the exit took {took:.1f}s:\n{stderr[-3000:]}"
     assert "the load was cancelled" in stderr
