@@ -2,17 +2,22 @@
 
 >>> import spark_ray_udf
 >>> sorted(spark_ray_udf.__all__)[:3]
-['CallTimeoutError', 'InputError', 'ModelApplyError']
+['CallTimeoutError', 'ConfigError', 'ConfigTypeError']
 """
 
 from spark_ray_udf.builtins import apply_keras, init_keras
 from spark_ray_udf.errors import (
     CallTimeoutError,
+    ConfigError,
+    ConfigTypeError,
+    DestinationExistsError,
     InputError,
+    MissingDependencyError,
     ModelApplyError,
     ModelInitError,
     ModelNotFoundError,
     ModelTableError,
+    PlacementError,
     PoolClosedError,
     PoolIntegrityError,
     RayUnavailableError,
@@ -26,11 +31,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallTimeoutError",
+    "ConfigError",
+    "ConfigTypeError",
+    "DestinationExistsError",
     "InputError",
+    "MissingDependencyError",
     "ModelApplyError",
     "ModelInitError",
     "ModelNotFoundError",
     "ModelTableError",
+    "PlacementError",
     "PoolClosedError",
     "PoolIntegrityError",
     "RayModel",

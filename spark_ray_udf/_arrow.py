@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from spark_ray_udf.errors import InputError, ModelApplyError
+from spark_ray_udf.errors import ConfigError, ConfigTypeError, InputError, ModelApplyError
 
 NullPolicy = Literal["error", "skip"]
 
@@ -182,7 +182,7 @@ def prepare_inputs(
             mask = pa.array(kept)
             columns = [c.filter(mask) for c in columns]
     elif on_null != "error":
-        raise ValueError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
+        raise ConfigError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
     arrays = [
         arrow_to_numpy(
             col,
@@ -216,7 +216,7 @@ def check_return_type(t: pa.DataType, *, where: str = "return_type") -> None:
     >>> check_return_type(pa.timestamp("us"))
     Traceback (most recent call last):
     ...
-    TypeError: return_type timestamp[us] is not supported; use double, float, bigint, int, boolean, string, array<...> or struct<...>
+    spark_ray_udf.errors.ConfigTypeError: return_type timestamp[us] is not supported; use double, float, bigint, int, boolean, string, array<...> or struct<...>
     """
     if _is_numeric(t) or _is_stringy(t):
         return
@@ -227,7 +227,7 @@ def check_return_type(t: pa.DataType, *, where: str = "return_type") -> None:
         for field in t:
             check_return_type(field.type, where=f"{where} field {field.name!r}")
         return
-    raise TypeError(
+    raise ConfigTypeError(
         f"{where} {t} is not supported; use double, float, bigint, int, boolean, string, "
         "array<...> or struct<...>"
     )

@@ -23,6 +23,8 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
+from spark_ray_udf.errors import ModelTableError
+
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
@@ -100,7 +102,7 @@ def table_info(spark: SparkSession, table: str, *, is_path: bool) -> TableInfo:
         "location", "tableFeatures"
     ).head()
     if row is None:
-        raise ValueError(f"{table}: DESCRIBE DETAIL returned nothing")
+        raise ModelTableError(f"{table}: DESCRIBE DETAIL returned nothing; is it a Delta table?")
     info = TableInfo(table=table, location=str(row[0]), features=frozenset(row[1] or ()))
     with _INFO_LOCK:
         _INFO[table] = info

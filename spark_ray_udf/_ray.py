@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from spark_ray_udf.errors import RayUnavailableError
 
@@ -113,6 +113,9 @@ def is_loopback(address: str) -> bool:
     return hp is not None and (hp[0] in ("localhost", "::1") or hp[0].startswith("127."))
 
 
+DASHBOARD_ENV = "SPARK_RAY_UDF_DASHBOARD"  # "1": the embedded Ray runs its dashboard on 127.0.0.1
+
+
 def ensure_ray(address: str | None = None) -> str:
     """Connect the driver to Ray (starting a local one if needed) and return the GCS address.
 
@@ -142,14 +145,25 @@ def ensure_ray(address: str | None = None) -> str:
                 lambda: ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             )
         else:
-            log.info("starting a local Ray on 127.0.0.1 (dashboard off)")
+            dashboard = os.environ.get(DASHBOARD_ENV, "") == "1"
+            log.info(
+                "starting a local Ray on 127.0.0.1 (dashboard %s)",
+                "on 127.0.0.1" if dashboard else f"off; {DASHBOARD_ENV}=1 turns it on",
+            )
             _loopback_only()
             on_lasting_thread(
                 lambda: ray.init(
                     # "local": never join a cluster some `ray start` left on this machine
                     # (address None would, through /tmp/ray/ray_current_cluster)
                     address="local",
-                    include_dashboard=False,
+                    # off unless asked (docs/security.md): a dashboard on loopback lets every
+                    # local user submit jobs to this Ray; SPARK_RAY_UDF_DASHBOARD=1 turns it on
+                    include_dashboard=dashboard,
+                    dashboard_host="127.0.0.1",
+                    # logical CPUs are a placement budget, not cores: 16 at least holds 64 actors
+                    # of the default 0.25 CPU (32 functions of 2 actors) on a laptop; they share
+                    # the real cores under load (README, "Capacity")
+                    num_cpus=max(16, os.cpu_count() or 1),
                     _node_ip_address="127.0.0.1",
                     log_to_driver=False,
                     logging_level=logging.WARNING,
@@ -360,3 +374,118 @@ def metrics_url() -> str:
 
     node = ray._private.worker.global_worker.node
     return f"http://127.0.0.1:{int(node.metrics_export_port)}/metrics"
+# --- Ray's own view of placement (private GCS accessors, one function each) ----------------------
+#
+# Why not the public state API (``ray.util.state.list_actors``, ``ray status``'s data): it asks
+# the dashboard's HTTP server, and the embedded Ray runs without a dashboard (it fails there
+# with ServerUnavailable after a connect timeout), as do many clusters. The dashboard itself
+# reads the same GCS tables these functions read; they need only the driver's connection.
+# Each is tested in tests/test_placement.py::test_private_ray_accessors, which fails when Ray
+# changes them.
+
+
+class ActorPlacement(NamedTuple):
+    """Where Ray is with one actor: its GCS state, the resources it asks, and whether a node
+    has taken it (a worker process started: its resources are held from then on)."""
+
+    state: str  # DEPENDENCIES_UNREADY, PENDING_CREATION, ALIVE, RESTARTING, DEAD, UNKNOWN
+    required: dict[str, float]
+    placed: bool
+    placement_group_id: str  # hex, "" for none
+
+
+def actor_placement(actor: Any) -> ActorPlacement:
+    """Ray's placement of ``actor``, from the GCS actor table (``ActorTableData``), without
+    calling the actor. While ``__init__`` runs the state is PENDING_CREATION too; ``placed``
+    tells a loading actor (it has a pid) from one no node has taken yet."""
+    from ray._private import state
+    from ray.core.generated import gcs_pb2
+
+    raw = state.state._connect_and_get_accessor().get_actor_info(actor._actor_id)
+    if raw is None:
+        return ActorPlacement("UNKNOWN", {}, False, "")
+    data = gcs_pb2.ActorTableData.FromString(raw)
+    pg = data.placement_group_id
+    return ActorPlacement(
+        state=gcs_pb2.ActorTableData.ActorState.Name(data.state),
+        required={str(k): float(v) for k, v in data.required_resources.items()},
+        placed=bool(data.pid) or bool(data.address.worker_id.strip(b"\0")),
+        placement_group_id=pg.hex() if pg.strip(b"\0") else "",
+    )
+
+
+class ClusterResources(NamedTuple):
+    """The GCS's resource view: each alive node's total and free resources, and the demand of
+    leases no node has granted yet (shape, count), as the autoscaler sees them."""
+
+    nodes: tuple[tuple[str, dict[str, float], dict[str, float]], ...]  # (node id hex, total, free)
+    demand: tuple[tuple[dict[str, float], int], ...]
+    autoscaler_seen: bool  # an autoscaler (v2) has reported its state to the GCS
+
+
+def cluster_resources() -> ClusterResources:
+    """The GCS's cluster resource state (``GetClusterResourceState``, what ``ray status`` and
+    the autoscaler read), through the driver's GCS client."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_resource_state
+    from ray.core.generated import autoscaler_pb2
+
+    gcs_client = ray._private.worker.global_worker.gcs_client
+    state = get_cluster_resource_state(gcs_client)
+    alive = (autoscaler_pb2.NodeStatus.RUNNING, autoscaler_pb2.NodeStatus.IDLE)
+    nodes = tuple(
+        (
+            n.node_id.hex(),
+            {str(k): float(v) for k, v in n.total_resources.items()},
+            {str(k): float(v) for k, v in n.available_resources.items()},
+        )
+        for n in state.node_states
+        if n.status in alive
+    )
+    demand = tuple(
+        ({str(k): float(v) for k, v in r.request.resources_bundle.items()}, int(r.count))
+        for r in state.pending_resource_requests
+    )
+    return ClusterResources(nodes, demand, state.last_seen_autoscaler_state_version > 0)
+
+
+def autoscaler_running() -> bool:
+    """True when an autoscaler that can add nodes runs for this cluster.
+
+    Every Ray head starts a monitor; without an autoscaling config (``ray.init``, a plain
+    ``ray start``) it runs Ray's read-only provider, which only reports: its status (the GCS
+    internal KV key ``ray_constants.DEBUG_AUTOSCALING_STATUS``) names each node type after a
+    node id. An autoscaler with node types (``ray up``, KubeRay, Ray on Spark with autoscaling)
+    names them otherwise, and a v2 autoscaler also stores its cluster config and reports its
+    state to the GCS. Limit: an autoscaler that cannot launch the node type asked for still
+    counts (the pool then waits up to ``init_timeout_s``, logging what it waits for).
+    """
+    import json
+
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if raw and can_add_nodes(json.loads(raw)):
+        return True
+    config = state.get_cluster_config()
+    if config is not None and len(config.node_group_configs) > 0:
+        return True
+    return cluster_resources().autoscaler_seen
+
+
+def can_add_nodes(status: dict[str, Any]) -> bool:
+    """Whether an autoscaler status (the monitor's JSON in the GCS KV) comes from a monitor with
+    node types, not the read-only one every head node runs.
+
+    >>> can_add_nodes({"autoscaler_report": {"node_type_mapping": {"ab12": "node_ab12"}}})
+    False
+    >>> can_add_nodes({"autoscaler_report": {"node_type_mapping": {"ab12": "head"}}})
+    True
+    """
+    report = status.get("autoscaler_report") or {}
+    mapping = report.get("node_type_mapping") or {}
+    if report.get("pending_launches"):
+        return True
+    return any(kind != f"node_{node}" for node, kind in mapping.items())

@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from spark_ray_udf.errors import ModelInitError
+from spark_ray_udf.errors import MissingDependencyError, ModelInitError
 
 
 def _require_tensorflow() -> Any:
     try:
         import tensorflow as tf
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "init_keras needs TensorFlow: pip install 'spark-ray-udf[tensorflow]'"
         ) from exc
     return tf

@@ -49,13 +49,31 @@ class PoolIntegrityError(SparkRayUdfError, RuntimeError):
     job wrote it, or it is damaged): it is refused rather than used."""
 
 
-class MissingDependencyError(SparkRayUdfError, ImportError):
-    """An optional dependency is not installed; the message names the extra to install
-    (``pip install 'spark-ray-udf[serve]'``)."""
-
-
 class CallTimeoutError(SparkRayUdfError, TimeoutError):
     """A Ray call did not answer within its timeout."""
+
+
+class ConfigError(SparkRayUdfError, ValueError):
+    """An argument of a library function has a value it cannot use (a name that is not a SQL
+    identifier, a negative count, an unknown mode); the message names it and what is allowed."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument of a library function has the wrong type (also a :class:`ConfigError`)."""
+
+
+class MissingDependencyError(SparkRayUdfError, ImportError):
+    """An optional package is not installed; the message names the extra to install."""
+
+
+class DestinationExistsError(SparkRayUdfError, FileExistsError):
+    """A folder the library would write into already holds files (``load_model``'s ``dest``)."""
+
+
+class PlacementError(SparkRayUdfError, RuntimeError):
+    """Ray cannot place the actors of a pool: the request per actor fits no node of the cluster,
+    or the cluster is full. The message names the request, what the cluster has in total and
+    free, which registered functions hold it, and the fix."""
 
 
 class RetriesExhaustedError(SparkRayUdfError, RuntimeError):
@@ -65,12 +83,16 @@ class RetriesExhaustedError(SparkRayUdfError, RuntimeError):
 
 __all__ = [
     "CallTimeoutError",
+    "ConfigError",
+    "ConfigTypeError",
+    "DestinationExistsError",
     "InputError",
     "MissingDependencyError",
     "ModelApplyError",
     "ModelInitError",
     "ModelNotFoundError",
     "ModelTableError",
+    "PlacementError",
     "PoolClosedError",
     "PoolIntegrityError",
     "RayUnavailableError",

@@ -27,21 +27,22 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
-from spark_ray_udf import _ray
+from spark_ray_udf import _ray, placement
 from spark_ray_udf._contract import ENTRY_KEY, ActorRef, Entry, Generation, WorkerInfo, encode_entry
 from spark_ray_udf.errors import (
     CallTimeoutError,
     ModelInitError,
     PoolClosedError,
 )
+from spark_ray_udf.placement import Holder
 from spark_ray_udf.store import StoredModel
 from spark_ray_udf.worker import (
     WorkerSpec,
@@ -142,6 +143,7 @@ class ModelPool:
     closed: bool = False
     replaced: int = 0  # actors started by the watcher in place of dead ones
     last_watch_error: BaseException | None = None
+    holders: Callable[[], Sequence[Holder]] | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -156,13 +158,18 @@ class ModelPool:
         num_actors: int,
         actor_options: Mapping[str, Any],
         init_timeout_s: float,
+        cancel: threading.Event | None = None,
+        holders: Callable[[], Sequence[Holder]] | None = None,
     ) -> ModelPool:
-        """Start ``num_actors`` workers, wait until each has loaded the model, publish them."""
+        """Start ``num_actors`` workers, wait until each has loaded the model, publish them.
+
+        ``cancel`` stops the first load (see :func:`start_actors`); ``holders`` names what
+        the other registered functions hold, for placement errors."""
         directory = Directory(namespace)
         try:
             actors, infos = start_actors(
-                spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s,
-                namespace=namespace,
+                spec, stored, num_actors=num_actors, options=actor_options,
+                timeout_s=init_timeout_s, cancel=cancel, holders=holders, namespace=namespace,
             )
         except BaseException:
             shutil.rmtree(spec.work_root, ignore_errors=True)
@@ -186,8 +193,9 @@ class ModelPool:
             spec=spec,
             actor_options=actor_options,
             init_timeout_s=init_timeout_s,
+            holders=holders,
         )
-        atexit.register(pool.close)
+        atexit.register(pool.close, graceful=False, lock_timeout_s=WAIT_STEP_S)
         threading.Thread(target=pool._watch, name=f"spark-ray-udf-watch-{spec.function}", daemon=True).start()
         return pool
 
@@ -230,7 +238,8 @@ class ModelPool:
             log.warning("%s: actors %s are dead for good; starting replacements", self.function, dead)
             fresh, infos = start_actors(
                 self.spec, self.stored, num_actors=len(dead), options=self.actor_options,
-                timeout_s=self.init_timeout_s, indices=dead, namespace=self.namespace,
+                timeout_s=self.init_timeout_s, indices=dead, cancel=self._stop,
+                holders=self.holders, namespace=self.namespace,
             )
             actors, all_infos = list(old.actors), list(self.infos)
             for i, actor, info in zip(dead, fresh, infos):
@@ -261,13 +270,14 @@ class ModelPool:
         The new actors load ``stored`` and pass ``ready()`` first; only then are they published,
         so Spark tasks send new batches to them. The old actors finish the calls already queued
         and exit. If loading fails, the new actors are stopped, the old ones keep serving, and
-        the error is raised.
+        the error is raised; :meth:`close` cancels the load (:class:`PoolClosedError`).
         """
         with self._lock:
             if self.closed:
                 raise PoolClosedError(f"{self.function}: the pool is closed; register it again")
             actors, infos = start_actors(
-                spec, stored, num_actors=num_actors, options=actor_options, timeout_s=init_timeout_s,
+                spec, stored, num_actors=num_actors, options=actor_options,
+                timeout_s=init_timeout_s, cancel=self._stop, holders=self.holders,
                 namespace=self.namespace,
             )
             old = self.generation
@@ -328,17 +338,32 @@ class ModelPool:
             actors.append(row)
         return summarize(self, actors)
 
-    def close(self) -> None:
-        """Stop the actors (after the calls already queued), the directory, and unpin the model."""
+    def close(self, *, graceful: bool = True, lock_timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop the actors (after the calls already queued, unless not ``graceful``), the
+        directory, and unpin the model.
+
+        A swap or a replacement loading now is cancelled first (it sees the stop event within
+        ``WAIT_STEP_S`` and stops its new actors), so this returns within seconds, never after
+        a whole load. At exit it runs with ``graceful=False``: bounded by Ray's kill calls.
+        """
         self._stop.set()
-        with self._lock:
+        locked = self._lock.acquire(timeout=lock_timeout_s)
+        if not locked:
+            log.warning(
+                "%s: a load still held the pool after %.0fs; closing without it",
+                self.function, lock_timeout_s,
+            )
+        try:
             if self.closed:
                 return
             self.closed = True
+        finally:
+            if locked:
+                self._lock.release()
         # Else Ray stopped them: ray.shutdown() before atexit, or the pool's Ray was lost and
         # this process has joined another one since (the old handles mean nothing there).
         if ray.is_initialized() and _current_gcs() == self.gcs_address:
-            stop_actors(self.generation.actors)
+            stop_actors(self.generation.actors, graceful=graceful)
             try:
                 self.directory.remove()
             except Exception:  # the GCS went away meanwhile: the entry goes with it
@@ -358,17 +383,26 @@ def start_actors(
     options: Mapping[str, Any],
     timeout_s: float,
     indices: list[int] | None = None,
+    cancel: threading.Event | None = None,
+    holders: Callable[[], Sequence[Holder]] | None = None,
     namespace: str | None = None,
 ) -> tuple[list[Any], list[WorkerInfo]]:
     """Create the actors of one generation and wait (at most ``timeout_s``) until all are ready.
 
     ``indices`` number the actors (``0..num_actors-1`` by default). With ``namespace`` each actor
-    is named there (``<function>-<index>-<random>``), so executors can look it up. On any failure
-    every actor started here is stopped before the error is raised.
+    is named there (``<function>-<index>-<random>``), so executors can look it up. A request no node could ever
+    hold fails before any actor starts; actors that no node takes while the cluster has no room
+    fail after ``placement.FULL_GRACE_S`` (unless an autoscaler runs): both with a
+    :class:`PlacementError` naming the request, the cluster and ``holders()`` (the registered
+    functions and what they hold). ``cancel`` (set by ``close()``) or the interpreter's exit
+    stops the wait within ``WAIT_STEP_S`` with :class:`PoolClosedError`. On any failure every
+    actor started here is stopped before the error is raised.
     """
     remote_cls = remote_worker_class()
     opts = {**DEFAULT_ACTOR_OPTIONS, **options}
     numbers = list(range(num_actors)) if indices is None else indices
+    watch = placement.PlacementWatch(spec.function, spec.where, opts, num_actors, holders)
+    watch.before_start()
 
     def named(i: int) -> dict[str, Any]:
         if namespace is None:
@@ -377,17 +411,10 @@ def start_actors(
 
     actors = [remote_cls.options(**opts, **named(i)).remote(spec, i, stored.chunks) for i in numbers]
     try:
-        infos = ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
-    except GetTimeoutError as exc:
-        stop_actors(actors, graceful=False)
-        raise CallTimeoutError(
-            f"{spec.function}: the {num_actors} actors did not load {spec.where} within "
-            f"init_timeout_s={timeout_s}s; Ray may lack the resources asked ({opts}; available: "
-            f"{ray.available_resources()}), or init_func is slow: raise init_timeout_s"
-        ) from exc
+        infos = _wait_ready(spec, actors, opts, timeout_s=timeout_s, cancel=cancel, watch=watch)
     except RayTaskError as exc:
         stop_actors(actors, graceful=False)
-        raise _unwrap(exc) from None
+        raise _unwrap(exc) from None  # re-raised: the actor's own error (ready() raises ours)
     except RayActorError as exc:
         stop_actors(actors, graceful=False)
         hint = ""
@@ -402,6 +429,9 @@ def start_actors(
         raise ModelInitError(
             f"{spec.function}: an actor died while loading {spec.where}: {exc}{hint}"
         ) from exc
+    except BaseException:
+        stop_actors(actors, graceful=False)
+        raise
     log.info(
         "%s: %d actors loaded %s in %.2fs (max)",
         spec.function,
@@ -409,7 +439,75 @@ def start_actors(
         spec.where,
         max(i.load_seconds for i in infos),
     )
-    return actors, list(infos)
+    return actors, infos
+
+
+def check_placement(
+    spec: WorkerSpec,
+    *,
+    num_actors: int,
+    options: Mapping[str, Any],
+    holders: Callable[[], Sequence[Holder]] | None = None,
+) -> None:
+    """Raise :class:`PlacementError` when no node (or bundle) of the cluster could ever hold one
+    actor with ``options``: at registration, before the model is read. One GCS call."""
+    opts = {**DEFAULT_ACTOR_OPTIONS, **options}
+    placement.PlacementWatch(spec.function, spec.where, opts, num_actors, holders).before_start()
+
+
+WAIT_STEP_S = 1.0  # one ray.wait of the ready loop: how soon a cancel or a placement check acts
+LOG_EVERY_S = 10.0  # how often the ready loop logs what it still waits for
+_EXITING = threading.Event()  # set when the interpreter exits: every load in progress stops
+# threading's exit hook runs before the interpreter joins non-daemon threads (atexit runs
+# after), so a load in a user's thread cannot hold the exit for init_timeout_s
+getattr(threading, "_register_atexit", atexit.register)(_EXITING.set)
+
+
+def _wait_ready(
+    spec: WorkerSpec,
+    actors: list[Any],
+    opts: Mapping[str, Any],
+    *,
+    timeout_s: float,
+    cancel: threading.Event | None,
+    watch: placement.PlacementWatch,
+) -> list[WorkerInfo]:
+    """Short ``ray.wait``s on every actor's ``ready()`` until all answered; between them check
+    ``cancel``, the exit, the deadline and placement, and log what is awaited."""
+    refs = [a.ready.remote() for a in actors]
+    infos: dict[Any, WorkerInfo] = {}
+    pending = list(refs)
+    start = time.monotonic()
+    deadline, next_log = start + timeout_s, start + LOG_EVERY_S
+    while pending:
+        if (cancel is not None and cancel.is_set()) or _EXITING.is_set():
+            raise PoolClosedError(
+                f"{spec.function}: closed while {len(pending)} of its {len(actors)} actors were "
+                f"still loading {spec.where}; the load was cancelled"
+            )
+        now = time.monotonic()
+        if now >= deadline:
+            raise CallTimeoutError(
+                f"{spec.function}: {len(pending)} of the {len(actors)} actors did not load "
+                f"{spec.where} within init_timeout_s={timeout_s}s (each placed and running "
+                f"init_func); init_func or the model download is slow: raise init_timeout_s"
+            )
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(WAIT_STEP_S, deadline - now))
+        for ref in done:  # an actor that failed fails the pool now, not when the others are done
+            infos[ref] = ray.get(ref, timeout=STOP_TIMEOUT_S)
+        if not pending:
+            break
+        waiting = [actors[refs.index(r)] for r in pending]
+        waited = time.monotonic() - start
+        what = watch.check(waiting, waited)
+        if time.monotonic() >= next_log:
+            next_log = time.monotonic() + LOG_EVERY_S
+            log.info(
+                "%s: after %.0fs still waiting for %d of %d actors to load %s (%s; "
+                "init_timeout_s=%s)", spec.function, waited, len(pending), len(actors), spec.where,
+                what, timeout_s,
+            )
+    return [infos[r] for r in refs]
 
 
 def _current_gcs() -> str:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from spark_ray_udf.errors import ConfigError
+
 
 def choose_actor(
     in_flight: Sequence[int],
@@ -42,7 +44,7 @@ def choose_actor(
     True
     """
     if len(in_flight) != len(usable) or (local is not None and len(local) != len(usable)):
-        raise ValueError(
+        raise ConfigError(
             f"in_flight has {len(in_flight)} entries, usable {len(usable)}"
             + ("" if local is None else f", local {len(local)}")
         )

@@ -60,6 +60,8 @@ import pyarrow as pa
 
 from spark_ray_udf._contract import ActorRef, PoolAddress, decode_entry
 from spark_ray_udf.errors import (
+    ConfigError,
+    ConfigTypeError,
     CallTimeoutError,
     InputError,
     MissingDependencyError,
@@ -102,7 +104,7 @@ class HttpOptions:
     >>> HttpOptions(max_batch_size=0)
     Traceback (most recent call last):
     ...
-    ValueError: max_batch_size must be a positive int (got 0)
+    spark_ray_udf.errors.ConfigError: max_batch_size must be a positive int (got 0)
     """
 
     host: str = "127.0.0.1"
@@ -118,23 +120,23 @@ class HttpOptions:
         for name in ("port", "max_batch_size", "max_queued_requests", "num_replicas"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int (got {value!r})")
+                raise ConfigError(f"{name} must be a positive int (got {value!r})")
         if self.max_ongoing_requests is not None and (
             isinstance(self.max_ongoing_requests, bool)
             or not isinstance(self.max_ongoing_requests, int)
             or self.max_ongoing_requests < 1
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"max_ongoing_requests must be None or a positive int (got {self.max_ongoing_requests!r})"
             )
         t = self.batch_wait_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0 and math.isfinite(t)):
-            raise ValueError(f"batch_wait_timeout_s must be a number of seconds >= 0 (got {t!r})")
+            raise ConfigError(f"batch_wait_timeout_s must be a number of seconds >= 0 (got {t!r})")
         if not isinstance(self.host, str) or not self.host:
-            raise ValueError(f"host must be a host name or address (got {self.host!r})")
+            raise ConfigError(f"host must be a host name or address (got {self.host!r})")
         prefix = self.route_prefix
         if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
-            raise ValueError(f"route_prefix must start with '/' (got {prefix!r})")
+            raise ConfigError(f"route_prefix must start with '/' (got {prefix!r})")
 
     def prefix_for(self, function: str) -> str:
         """The route prefix, ``/<function>`` unless given.
@@ -176,17 +178,17 @@ def _arrow_type(t: Any, where: str) -> pa.DataType:
         from pyspark.sql.pandas.types import to_arrow_type
         from pyspark.sql.types import DataType
     except ImportError as exc:  # pragma: no cover - pyspark is a dependency
-        raise TypeError(f"{where}: Spark types need pyspark ({exc})") from exc
+        raise ConfigTypeError(f"{where}: Spark types need pyspark ({exc})") from exc
     if isinstance(t, str):
         try:
             t = DataType.fromDDL(t)
         except Exception as exc:  # ParseException
-            raise TypeError(
+            raise ConfigTypeError(
                 f"{where}: {t!r} is not a Spark type (DDL such as 'double' or 'array<float>')"
             ) from exc
     if isinstance(t, DataType):
         return to_arrow_type(t, timezone="UTC", prefers_large_types=False)
-    raise TypeError(
+    raise ConfigTypeError(
         f"{where} must be a Spark DDL string, a pyspark DataType or a pyarrow DataType "
         f"(got {t!r} that is a {type(t)!r})"
     )
@@ -204,7 +206,7 @@ def input_spec(input_types: Sequence[Any] | Mapping[str, Any] | None) -> InputSp
     >>> input_spec([])
     Traceback (most recent call last):
     ...
-    ValueError: input_types must name at least one argument (got [])
+    spark_ray_udf.errors.ConfigError: input_types must name at least one argument (got [])
     """
     if input_types is None:
         return InputSpec()
@@ -212,17 +214,17 @@ def input_spec(input_types: Sequence[Any] | Mapping[str, Any] | None) -> InputSp
         names = tuple(input_types)
         bad = [n for n in names if not isinstance(n, str) or not n]
         if bad:
-            raise TypeError(f"input_types names must be non-empty strings (got {bad!r})")
+            raise ConfigTypeError(f"input_types names must be non-empty strings (got {bad!r})")
         values: list[Any] = list(input_types.values())
     elif isinstance(input_types, (str, bytes)) or not isinstance(input_types, Sequence):
-        raise TypeError(
+        raise ConfigTypeError(
             "input_types must be a list of types (one per argument) or a mapping "
             f"{{name: type}} (got {input_types!r}); e.g. ['array<double>']"
         )
     else:
         names, values = None, list(input_types)  # type: ignore[assignment]
     if not values:
-        raise ValueError(f"input_types must name at least one argument (got {input_types!r})")
+        raise ConfigError(f"input_types must name at least one argument (got {input_types!r})")
     types = tuple(_arrow_type(t, f"input_types[{i}]") for i, t in enumerate(values))
     return InputSpec(names=names, types=types)
 
@@ -524,7 +526,7 @@ def _signature(columns: Sequence[pa.Array]) -> tuple[str, ...]:
 # --- the replica -----------------------------------------------------------------------------------
 
 
-class _Failure(Exception):
+class _Failure(SparkRayUdfError, RuntimeError):
     """An HTTP error answer: status and message."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -903,7 +905,7 @@ def start_http(
         else:
             started = any(d.started_serve for d in _APPS.values())
             if started and _PROXY is not None and _PROXY != (options.host, options.port):
-                raise ValueError(
+                raise ConfigError(
                     f"{address.function}: Serve already listens on {_PROXY[0]}:{_PROXY[1]} for "
                     f"this Ray cluster (one HTTP proxy per cluster); serve on that host and port, "
                     "or close the models served there first"

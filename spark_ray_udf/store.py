@@ -49,7 +49,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
 
 from spark_ray_udf import _delta
-from spark_ray_udf.errors import ModelNotFoundError, ModelTableError
+from spark_ray_udf.errors import (
+    ConfigError,
+    DestinationExistsError,
+    ModelNotFoundError,
+    ModelTableError,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -584,9 +589,9 @@ def save_model(
     if not src.is_dir():
         raise ModelNotFoundError(f"{src}: not a folder; save_model() stores a model folder")
     if chunk_size <= 0 or chunk_size > 512 * 1024 * 1024:
-        raise ValueError(f"chunk_size must be in 1..512 MiB (got {chunk_size!r})")
+        raise ConfigError(f"chunk_size must be in 1..512 MiB (got {chunk_size!r})")
     if mode not in ("overwrite", "error"):
-        raise ValueError(f"mode must be 'overwrite' or 'error' (got {mode!r})")
+        raise ConfigError(f"mode must be 'overwrite' or 'error' (got {mode!r})")
     ref = TableRef(table)
     if mode == "error" and _table_exists(spark, ref):
         raise ModelTableError(
@@ -1143,7 +1148,7 @@ def read_model(
 
 def _check_limit(max_model_bytes: int) -> None:
     if isinstance(max_model_bytes, bool) or not isinstance(max_model_bytes, int) or max_model_bytes < 1:
-        raise ValueError(f"max_model_bytes must be a positive int (got {max_model_bytes!r})")
+        raise ConfigError(f"max_model_bytes must be a positive int (got {max_model_bytes!r})")
 
 
 def write_model(
@@ -1305,7 +1310,7 @@ def load_model(
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
     if any(root.iterdir()):
-        raise FileExistsError(f"{root}: the folder is not empty; load_model() needs an empty folder")
+        raise DestinationExistsError(f"{root}: the folder is not empty; load_model() needs an empty folder")
     v = resolve_version(spark, table, version)
     where = f"{table}@v{v}"
     try:

@@ -33,7 +33,14 @@ import pyarrow as pa
 from spark_ray_udf._arrow import NullPolicy, check_return_type
 from spark_ray_udf._contract import PoolAddress
 from spark_ray_udf.client import predict_batches
-from spark_ray_udf.errors import ModelTableError, PoolClosedError, RayUnavailableError
+from spark_ray_udf.errors import (
+    CallTimeoutError,
+    ConfigError,
+    ConfigTypeError,
+    ModelTableError,
+    PoolClosedError,
+    RayUnavailableError,
+)
 from spark_ray_udf.store import DEFAULT_MAX_MODEL_BYTES
 
 if TYPE_CHECKING:
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
     from pyspark.sql.types import DataType
 
     from spark_ray_udf._contract import WorkerInfo
+    from spark_ray_udf.placement import Holder
     from spark_ray_udf.pool import ModelPool
     from spark_ray_udf.serve import HttpDoor
     from spark_ray_udf.store import StoredModel
@@ -53,6 +61,32 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _REGISTRY: dict[str, RayModel] = {}
 _REGISTRY_LOCK = threading.Lock()
+# One lock per function name, held through a whole registration: threads registering one name
+# at once take turns, so the later ones find the first one's pool (reuse or replace it) and no
+# pool is left behind unregistered.
+_NAME_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _name_lock(name: str) -> threading.Lock:
+    with _REGISTRY_LOCK:
+        return _NAME_LOCKS.setdefault(name, threading.Lock())
+
+
+def _holders() -> list[Holder]:
+    """What each open registered function holds (actors x resources), for placement errors."""
+    from spark_ray_udf.placement import Holder, actor_request
+    from spark_ray_udf.pool import DEFAULT_ACTOR_OPTIONS
+
+    with _REGISTRY_LOCK:
+        models = [m for m in _REGISTRY.values() if not m.closed]
+    return [
+        Holder(
+            m.name,
+            len(m._pool.generation.actors),
+            actor_request({**DEFAULT_ACTOR_OPTIONS, **m._settings.actor_options}),
+        )
+        for m in models
+    ]
 
 
 def _spark_type(return_type: str | DataType) -> DataType:
@@ -64,11 +98,11 @@ def _spark_type(return_type: str | DataType) -> DataType:
         try:
             return DataType.fromDDL(return_type)
         except Exception as exc:  # ParseException
-            raise TypeError(
+            raise ConfigTypeError(
                 f"return_type {return_type!r} is not a Spark type (DDL such as 'double', "
                 "'array<double>' or 'label int, score double')"
             ) from exc
-    raise TypeError(
+    raise ConfigTypeError(
         f"return_type must be a DDL string or a pyspark DataType (got {return_type!r} that "
         f"is a {type(return_type)!r})"
     )
@@ -421,17 +455,19 @@ class RayModel:
 
     def close(self) -> None:
         """Stop polling, the HTTP door (if any), the actors, and release the model from the
-        object store. Idempotent."""
-        self._stop_polling.set()
-        with self._reload_lock:
-            door, self._http = self._http, None
-            try:
-                if door is not None:
-                    from spark_ray_udf.serve import stop_http
+        object store. Idempotent.
 
-                    stop_http(door)  # first: no HTTP request reaches a stopping actor
-            finally:
-                self._pool.close()
+        A :meth:`reload` loading now is cancelled (it raises :class:`PoolClosedError`): this
+        returns within seconds, not after the load."""
+        self._stop_polling.set()
+        door, self._http = self._http, None
+        try:
+            if door is not None:
+                from spark_ray_udf.serve import stop_http
+
+                stop_http(door)  # first: no HTTP request reaches a stopping actor
+        finally:
+            self._pool.close()  # the pool's own lock orders it with a swap, which it cancels
         with _REGISTRY_LOCK:
             if _REGISTRY.get(self.name) is self:
                 del _REGISTRY[self.name]
@@ -522,49 +558,98 @@ def register_ray_model(
             spark.sql("select id, model_predict(features) from events").show()
             df.select(model("features"))
     """
-    from spark_ray_udf import _ray
-    from spark_ray_udf.pool import ModelPool
-    from spark_ray_udf.store import Manifest, resolve_version
-    from spark_ray_udf.worker import WorkerSpec
-
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"name must be a SQL identifier like 'model_predict' (got {name!r})")
+        raise ConfigError(f"name must be a SQL identifier like 'model_predict' (got {name!r})")
     if not callable(init_func) or not callable(apply_func):
-        raise TypeError(
+        raise ConfigTypeError(
             f"init_func and apply_func must be callables (got {type(init_func)!r} and "
             f"{type(apply_func)!r})"
         )
     if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
-        raise ValueError(f"num_actors must be a positive int (got {num_actors!r})")
+        raise ConfigError(f"num_actors must be a positive int (got {num_actors!r})")
     if model_source not in ("auto", "storage", "object_store"):
-        raise ValueError(
+        raise ConfigError(
             f"model_source must be 'auto', 'storage' or 'object_store' (got {model_source!r})"
         )
     if isinstance(max_model_bytes, bool) or not isinstance(max_model_bytes, int) or max_model_bytes < 1:
-        raise ValueError(f"max_model_bytes must be a positive int (got {max_model_bytes!r})")
+        raise ConfigError(f"max_model_bytes must be a positive int (got {max_model_bytes!r})")
     if on_null not in ("error", "skip"):
-        raise ValueError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
+        raise ConfigError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be a positive int (got {max_in_flight!r})")
+        raise ConfigError(f"max_in_flight must be a positive int (got {max_in_flight!r})")
     if min_split_rows is not None and (
         isinstance(min_split_rows, bool) or not isinstance(min_split_rows, int) or min_split_rows < 1
     ):
-        raise ValueError(f"min_split_rows must be None or a positive int (got {min_split_rows!r})")
+        raise ConfigError(f"min_split_rows must be None or a positive int (got {min_split_rows!r})")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ValueError(f"max_retries must be a non-negative int (got {max_retries!r})")
+        raise ConfigError(f"max_retries must be a non-negative int (got {max_retries!r})")
     for opt, t in (("call_timeout_s", call_timeout_s), ("init_timeout_s", init_timeout_s)):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise ValueError(f"{opt} must be a positive number of seconds (got {t!r})")
+            raise ConfigError(f"{opt} must be a positive number of seconds (got {t!r})")
     if refresh_seconds is not None and not (
         isinstance(refresh_seconds, (int, float)) and refresh_seconds > 0
     ):
-        raise ValueError(f"refresh_seconds must be None or positive (got {refresh_seconds!r})")
+        raise ConfigError(f"refresh_seconds must be None or positive (got {refresh_seconds!r})")
     conf_dict = dict(conf or {})
     bad_keys = [k for k in conf_dict if not isinstance(k, str)]
     if bad_keys:
-        raise TypeError(f"conf keys must be strings (got {bad_keys!r})")
+        raise ConfigTypeError(f"conf keys must be strings (got {bad_keys!r})")
     options = dict(actor_options or {})
     spark_type, arrow_type = _types(return_type, with_version)
+
+    lock = _name_lock(name)
+    lock_wait_s = float(init_timeout_s) + 60.0
+    if not lock.acquire(timeout=lock_wait_s):
+        raise CallTimeoutError(
+            f"{name}: another thread's registration of this name still runs after "
+            f"{lock_wait_s:.0f}s; wait for it, or register another name"
+        )
+    try:
+        return _register_locked(
+            spark, table, name, init_func, apply_func, spark_type=spark_type,
+            arrow_type=arrow_type, num_actors=num_actors, options=options, version=version,
+            conf_dict=conf_dict, on_null=on_null, with_version=with_version,
+            refresh_seconds=refresh_seconds, max_in_flight=max_in_flight,
+            call_timeout_s=call_timeout_s, init_timeout_s=init_timeout_s,
+            max_retries=max_retries, ray_address=ray_address, model_source=model_source,
+            max_model_bytes=max_model_bytes, min_split_rows=min_split_rows,
+            share_model_files=share_model_files,
+        )
+    finally:
+        lock.release()
+
+
+def _register_locked(
+    spark: SparkSession,
+    table: str,
+    name: str,
+    init_func: Callable[[str, Mapping[str, Any]], Any],
+    apply_func: Callable[..., Any],
+    *,
+    spark_type: DataType,
+    arrow_type: pa.DataType,
+    num_actors: int,
+    options: dict[str, Any],
+    version: int | None,
+    conf_dict: dict[str, Any],
+    on_null: NullPolicy,
+    with_version: bool,
+    refresh_seconds: float | None,
+    max_in_flight: int,
+    call_timeout_s: float,
+    init_timeout_s: float,
+    max_retries: int,
+    ray_address: str | None,
+    model_source: ModelSource,
+    max_model_bytes: int,
+    min_split_rows: int | None,
+    share_model_files: bool,
+) -> RayModel:
+    """:func:`register_ray_model` once its arguments are checked, holding the name's lock."""
+    from spark_ray_udf import _ray
+    from spark_ray_udf.pool import ModelPool, check_placement
+    from spark_ray_udf.store import Manifest, resolve_version
+    from spark_ray_udf.worker import WorkerSpec
 
     with _REGISTRY_LOCK:
         existing = _REGISTRY.get(name)
@@ -618,6 +703,8 @@ def register_ray_model(
             return existing
         log.info("%s: replacing the pool of %s@v%d", name, existing.table, existing.version)
 
+    # an impossible request fails here, in seconds, before the model's files are read
+    check_placement(spec, num_actors=num_actors, options=options, holders=_holders)
     t0 = time.monotonic()
     stored, source_reason = _stored_for_actors(spark, table, resolved, model_source, max_model_bytes)
     log.info(
@@ -638,6 +725,7 @@ def register_ray_model(
         num_actors=num_actors,
         actor_options=options,
         init_timeout_s=init_timeout_s,
+        holders=_holders,
     )
     address = PoolAddress(
         function=name,

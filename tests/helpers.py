@@ -373,3 +373,24 @@ def apply_keras_argmax(model: Any, x: np.ndarray) -> np.ndarray:
     from spark_ray_udf.builtins import apply_keras
 
     return apply_keras(model, x).argmax(axis=1).astype(np.int32)
+
+
+# --- placement and races (tests/test_placement.py, tests/test_races.py) -------------------------
+
+
+def init_sleep_file(model_dir: str, conf: Mapping[str, Any]) -> Any:
+    """``init_func`` of the linear model that first sleeps the seconds written in the model's
+    own ``sleep_s`` file, when it has one: a version that loads slowly, next to fast ones."""
+    from spark_ray_udf.testing import init_linear
+
+    slow = Path(model_dir) / "sleep_s"
+    if slow.exists():
+        time.sleep(float(slow.read_text()))
+    return init_linear(model_dir, conf)
+
+
+class Probe:
+    """A bare Ray actor for the tests of Ray's own view of placement."""
+
+    def ready(self) -> int:
+        return os.getpid()
