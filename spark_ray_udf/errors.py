@@ -53,8 +53,14 @@ class RetriesExhaustedError(SparkRayUdfError, RuntimeError):
     ``apply_func`` crashing the process); the message names the rows and the last cause."""
 
 
+class EnvironmentMismatchError(SparkRayUdfError, RuntimeError):
+    """Spark's Python workers cannot serve the function: their interpreter lacks spark-ray-udf,
+    ray or pyarrow, has other versions than the driver, or cannot reach Ray."""
+
+
 __all__ = [
     "CallTimeoutError",
+    "EnvironmentMismatchError",
     "InputError",
     "ModelApplyError",
     "ModelInitError",

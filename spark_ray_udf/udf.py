@@ -330,6 +330,7 @@ def register_ray_model(
     max_retries: int = 3,
     ray_address: str | None = None,
     model_source: ModelSource = "auto",
+    check_environment: bool = True,
 ) -> RayModel:
     """Register the model stored in the Delta table ``table`` as the SQL function ``name``.
 
@@ -356,6 +357,10 @@ def register_ray_model(
       the table's storage). ``"auto"`` (default) picks storage unless the table uses deletion
       vectors or column mapping, pyarrow cannot open it, or it is on local disk and Ray has
       other machines.
+    * ``check_environment``: before a new pool starts, one Spark task checks that Spark's Python
+      workers import spark-ray-udf, ray and pyarrow in the driver's versions and reach Ray
+      (:class:`~spark_ray_udf.errors.EnvironmentMismatchError` names the interpreter and the
+      fix); ``False`` skips it.
 
     Registering the same name again with the same table version, functions and options reuses
     the running pool; anything else replaces it.
@@ -455,6 +460,10 @@ def register_ray_model(
             return existing
         log.info("%s: replacing the pool of %s@v%d", name, existing.table, existing.version)
 
+    if check_environment:  # once per new pool, before any actor starts (~0.2 s warm)
+        from spark_ray_udf._envcheck import check_environment as check_executors
+
+        check_executors(spark, gcs_address, who=name)
     stored = _stored_for_actors(spark, table, resolved, model_source)
     spec = replace(spec, manifest=stored.manifest, files=stored.files)
     settings = replace(settings, spec=spec)
