@@ -71,12 +71,18 @@ class Facts:
         )
 
 
-def _probe(host: str, port: int, timeout_s: float) -> str:
+def _probe(host: str, port: int, timeout_s: float, auth: str) -> str:
     # Runs in Spark's Python worker, pickled by value (see _portable): only builtins and
     # imports inside, so any interpreter that runs PySpark's worker runs it.
     import json
+    import os
     import socket
     import sys
+
+    # Ray reads its auth mode once, when first imported: set it the way the function's own
+    # connect_worker would, or this worker could never join a token-auth Ray afterwards.
+    if auth and not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = auth
 
     out: dict = {
         "python": sys.executable,
@@ -207,7 +213,7 @@ def _configured_python(spark: SparkSession) -> str:
     return str(classic or os.environ.get("PYSPARK_PYTHON") or "python3 from the PATH")
 
 
-def _run_probe(spark: SparkSession, host: str, port: int, timeout_s: float) -> str:
+def _run_probe(spark: SparkSession, host: str, port: int, auth: str, timeout_s: float) -> str:
     """Run :func:`_probe` in one task; interrupt the job after ``timeout_s``."""
     from pyspark.sql import functions as F
 
@@ -221,7 +227,10 @@ def _run_probe(spark: SparkSession, host: str, port: int, timeout_s: float) -> s
         try:
             rows = (
                 spark.range(0, 1, 1, numPartitions=1)
-                .select(probe(F.lit(host), F.lit(port), F.lit(CONNECT_TIMEOUT_S)).alias("facts"))
+                .select(
+                    probe(F.lit(host), F.lit(port), F.lit(CONNECT_TIMEOUT_S), F.lit(auth))
+                    .alias("facts")
+                )
                 .collect()
             )
             result.append(rows[0][0])
@@ -259,14 +268,14 @@ def check_environment(
         facts = check_environment(spark, "127.0.0.1:6379")
         facts.python   # the interpreter Spark's Python workers run
     """
-    from spark_ray_udf._ray import split_address
+    from spark_ray_udf._ray import auth_mode, split_address
 
     prefix = f"{who}: " if who else ""
     hp = split_address(gcs_address)
     host, port = hp if hp is not None else ("", 0)
     started = time.perf_counter()
     try:
-        text = _run_probe(spark, host, port, timeout_s)
+        text = _run_probe(spark, host, port, auth_mode(), timeout_s)
     except CallTimeoutError as exc:
         raise CallTimeoutError(f"{prefix}{exc}") from None
     except Exception as exc:  # the job failed before the probe could answer
