@@ -16,4 +16,7 @@ if _ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p
     )
 
-from spark_ray_udf.testing import ray_address, spark  # noqa: E402, F401  (pytest fixtures)
+# The fixtures spark, ray_address and ray_model. An installed spark-ray-udf registers this plugin
+# through its pytest11 entry point under this same name, and pytest then skips it here; a
+# checkout whose installed metadata predates the entry point still gets the fixtures.
+pytest_plugins = ["spark_ray_udf.testing"]

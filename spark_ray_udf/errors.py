@@ -10,6 +10,10 @@ This module imports nothing from the package.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class SparkRayUdfError(Exception):
     """Base class of every error raised by spark-ray-udf."""
@@ -81,11 +85,82 @@ class RetriesExhaustedError(SparkRayUdfError, RuntimeError):
     ``apply_func`` crashing the process); the message names the rows and the last cause."""
 
 
+class EnvironmentMismatchError(SparkRayUdfError, RuntimeError):
+    """Spark's Python workers cannot serve the function: their interpreter lacks spark-ray-udf,
+    ray or pyarrow, has other versions than the driver, or cannot reach Ray."""
+
+
+_IN_TRACEBACK = re.compile(r"^spark_ray_udf\.errors\.(\w+): ", re.M)
+_END_OF_MESSAGE = re.compile(r"\n\s*\n|\nJVM stacktrace:|\n\tat ")
+
+
+def explain(exc: BaseException) -> SparkRayUdfError | None:
+    r"""The library's error behind a failed Spark query, rebuilt on the driver, or None.
+
+    When the library fails a task (a null input, ``apply_func`` raising, a lost Ray), Spark
+    raises a ``PythonException`` on the driver whose message starts with PySpark's "An exception
+    was thrown from the Python worker" and a traceback; PySpark offers no way to make it start
+    with the library's message. This finds the library's error in that text (the last one) and
+    returns it as an instance of the same class, with the same message; ``exc`` itself when it
+    already is one.
+
+    >>> failed = RuntimeError("An exception was thrown from the Python worker:\nTraceback ...\n"
+    ...                       "spark_ray_udf.errors.InputError: f: row 3 is null; filter it")
+    >>> explain(failed)
+    InputError('f: row 3 is null; filter it')
+    >>> explain(ValueError("something else")) is None
+    True
+    """
+    if isinstance(exc, SparkRayUdfError):
+        return exc
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        found = [
+            (m, cls) for m in _IN_TRACEBACK.finditer(text) if (cls := _library_class(m.group(1)))
+        ]
+        if found:
+            last, cls = found[-1]
+            rest = text[last.end():]
+            end = _END_OF_MESSAGE.search(rest)
+            return cls((rest[: end.start()] if end else rest).rstrip())
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _library_class(name: str) -> type[SparkRayUdfError] | None:
+    cls = globals().get(name)
+    return cls if isinstance(cls, type) and issubclass(cls, SparkRayUdfError) else None
+
+
+@contextmanager
+def library_errors() -> Iterator[None]:
+    """Re-raise a failed Spark query whose cause is the library's error as that error.
+
+    The exception caught then starts with the library's message (it keeps Spark's exception as
+    its ``__cause__``); other errors pass unchanged::
+
+        with library_errors():
+            spark.sql("select model_predict(features) from events").collect()
+        # raises InputError("model_predict: argument 1 (...): row 17 is null; ...")
+    """
+    try:
+        yield
+    except Exception as exc:
+        found = explain(exc)
+        if found is None or found is exc:
+            raise
+        raise found from exc
+
+
 __all__ = [
     "CallTimeoutError",
     "ConfigError",
     "ConfigTypeError",
     "DestinationExistsError",
+    "EnvironmentMismatchError",
     "InputError",
     "MissingDependencyError",
     "ModelApplyError",
@@ -98,4 +173,6 @@ __all__ = [
     "RayUnavailableError",
     "RetriesExhaustedError",
     "SparkRayUdfError",
+    "explain",
+    "library_errors",
 ]

@@ -684,6 +684,13 @@ def latest_version(spark: SparkSession, table: str) -> int:
     """
     ref = TableRef(table)
     info = _delta.cached_info(table)
+    if info is None and not ref.is_path:
+        # DESCRIBE DETAIL is plain SQL, so this also works over Spark Connect, where Delta's
+        # DeltaTable API below needs Delta's Connect server plugin; errors: the Spark path below
+        try:
+            info = _delta.table_info(spark, table, is_path=False)
+        except Exception as exc:  # AnalysisException for a missing table: reported below
+            log.debug("%s: DESCRIBE DETAIL failed (%s); asking Delta's history", table, exc)
     location = ref.name if ref.is_path else (info.location if info is not None else None)
     if location is not None and (info is None or info.direct):
         try:

@@ -1,8 +1,10 @@
 """Test helpers users can reuse: a Delta-enabled local Spark, a local Ray, and a tiny model.
 
-In a ``conftest.py``::
-
-    from spark_ray_udf.testing import ray_address, spark  # noqa: F401  (pytest fixtures)
+This module is a pytest plugin (entry point ``pytest11``): once spark-ray-udf is installed, every
+test can ask for the fixtures ``spark`` (a session-wide local Spark with Delta), ``ray_address``
+(a session-wide local Ray) and ``ray_model`` (a factory that calls
+:func:`~spark_ray_udf.register_ray_model` and closes what it registered when the test ends),
+without a ``conftest.py``. ``pytest -p no:spark_ray_udf.testing`` turns it off.
 
 The tiny model is a linear classifier stored as two ``.npy`` files: :func:`make_linear_model`
 writes one, :func:`init_linear` loads it, :func:`apply_linear` predicts classes and
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+    from spark_ray_udf.udf import RayModel
 
 try:
     import pytest
@@ -37,11 +41,15 @@ def local_spark(
     cores: int = 2,
     warehouse_dir: str | None = None,
     conf: Mapping[str, str] | None = None,
+    connect: bool = False,
 ) -> SparkSession:
     """A local Spark session with Delta Lake, its Python workers on this interpreter.
 
     The Delta JARs come from Maven Central through ``spark.jars.packages`` the first time
-    (cached in ``~/.ivy2*`` afterwards).
+    (cached in ``~/.ivy2*`` afterwards). ``connect=True`` starts a local Spark Connect server in
+    this process and returns a Connect session to it (``SparkSession.builder.remote("local")``);
+    the server listens on an ephemeral port (``SPARK_TESTING=1`` is set for that), so several
+    such processes can run on one machine. A process holds either kind of session, not both.
 
     Example::
 
@@ -53,9 +61,13 @@ def local_spark(
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     warehouse = warehouse_dir or tempfile.mkdtemp(prefix="spark-warehouse-")
+    if connect:
+        os.environ.setdefault("SPARK_TESTING", "1")  # an ephemeral port, not 15002
+        builder = SparkSession.builder.remote(f"local[{cores}]")
+    else:
+        builder = SparkSession.builder.master(f"local[{cores}]")
     builder = (
-        SparkSession.builder.master(f"local[{cores}]")
-        .appName(app_name)
+        builder.appName(app_name)
         .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
         .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
         .config("spark.sql.warehouse.dir", warehouse)
@@ -70,7 +82,11 @@ def local_spark(
     for key, value in (conf or {}).items():
         builder = builder.config(key, value)
     spark = configure_spark_with_delta_pip(builder).getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    from pyspark import SparkContext
+
+    context = SparkContext._active_spark_context  # the local Connect server's, with connect=True
+    if context is not None:
+        context.setLogLevel("ERROR")
     return spark
 
 
@@ -137,6 +153,27 @@ if pytest is not None:
         session = local_spark("spark-ray-udf-tests", warehouse_dir=str(tmp_path_factory.mktemp("warehouse")))
         yield session
         session.stop()
+
+    @pytest.fixture
+    def ray_model(spark: SparkSession, ray_address: str) -> Iterator[Callable[..., RayModel]]:
+        """``ray_model(table, name, init_func, apply_func, **options)``: register a function
+        like :func:`~spark_ray_udf.register_ray_model` on the ``spark`` session; every function
+        it registered is closed when the test ends."""
+        from spark_ray_udf.udf import register_ray_model
+
+        registered: list[RayModel] = []
+
+        def register(
+            table: str, name: str, init_func: Callable[..., Any], apply_func: Callable[..., Any],
+            **options: Any,
+        ) -> RayModel:
+            model = register_ray_model(spark, table, name, init_func, apply_func, **options)
+            registered.append(model)
+            return model
+
+        yield register
+        for model in reversed(registered):
+            model.close()
 
     @pytest.fixture(scope="session")
     def ray_address() -> Iterator[str]:

@@ -507,6 +507,7 @@ def register_ray_model(
     min_split_rows: int | None = 1024,
     share_model_files: bool = True,
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    check_environment: bool = True,
 ) -> RayModel:
     """Register the model stored in the Delta table ``table`` as the SQL function ``name``.
 
@@ -543,6 +544,10 @@ def register_ray_model(
     * ``max_model_bytes`` (64 GiB by default): the driver checks the version's manifest before
       any actor starts, and refuses a model whose files add up to more (raise it for larger
       models); each actor then checks every chunk against that manifest as it arrives.
+    * ``check_environment``: before a new pool starts, one Spark task checks that Spark's Python
+      workers import spark-ray-udf, ray and pyarrow in the driver's versions and reach Ray
+      (:class:`~spark_ray_udf.errors.EnvironmentMismatchError` names the interpreter and the
+      fix); ``False`` skips it.
 
     Registering the same name again with the same table version, functions and options reuses
     the running pool; anything else replaces it.
@@ -613,7 +618,7 @@ def register_ray_model(
             call_timeout_s=call_timeout_s, init_timeout_s=init_timeout_s,
             max_retries=max_retries, ray_address=ray_address, model_source=model_source,
             max_model_bytes=max_model_bytes, min_split_rows=min_split_rows,
-            share_model_files=share_model_files,
+            share_model_files=share_model_files, check_environment=check_environment,
         )
     finally:
         lock.release()
@@ -644,6 +649,7 @@ def _register_locked(
     max_model_bytes: int,
     min_split_rows: int | None,
     share_model_files: bool,
+    check_environment: bool,
 ) -> RayModel:
     """:func:`register_ray_model` once its arguments are checked, holding the name's lock."""
     from spark_ray_udf import _ray
@@ -705,6 +711,10 @@ def _register_locked(
 
     # an impossible request fails here, in seconds, before the model's files are read
     check_placement(spec, num_actors=num_actors, options=options, holders=_holders)
+    if check_environment:  # once per new pool, before any actor starts (~0.2 s warm)
+        from spark_ray_udf._envcheck import check_environment as check_executors
+
+        check_executors(spark, gcs_address, who=name)
     t0 = time.monotonic()
     stored, source_reason = _stored_for_actors(spark, table, resolved, model_source, max_model_bytes)
     log.info(
