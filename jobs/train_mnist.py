@@ -129,7 +129,9 @@ def main() -> int:
     setup_logging()
     tables = Tables.under(args.data_dir)
     started = time.perf_counter()
-    with spark_and_ray("train_mnist", args.data_dir, cores=args.cores) as spark:
+    with spark_and_ray(
+        "train_mnist", args.data_dir, cores=args.cores, ray_address=args.ray_address
+    ) as spark:
         images, labels = digits_as_mnist()
         table = mnist_table(images, labels)
         (

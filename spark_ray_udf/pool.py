@@ -49,8 +49,10 @@ from spark_ray_udf.store import Manifest, StoredModel, materialize, rows_from_fi
 
 log = logging.getLogger(__name__)
 
+# "SPREAD": one actor per node before a second on any (small actors would otherwise all pack
+# on one node: no redundancy); actor_options={"scheduling_strategy": "DEFAULT"} packs.
 DEFAULT_ACTOR_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {"num_cpus": 0.25, "max_restarts": -1, "max_task_retries": 0}
+    {"num_cpus": 0.25, "max_restarts": -1, "max_task_retries": 0, "scheduling_strategy": "SPREAD"}
 )
 STOP_TIMEOUT_S = 10.0
 WATCH_S = 5.0  # how often the driver checks that every actor of the pool is still alive
@@ -80,7 +82,7 @@ class WorkerSpec:
     conf: Mapping[str, Any]
     return_type: pa.DataType
     on_null: NullPolicy
-    work_root: str
+    work_root: str  # the pool's folder name; each node puts it under its own node_work_root()
     fetch_timeout_s: float
     with_version: bool = False
     files: tuple[str, ...] = ()  # read the model from these Parquet files; else chunk refs
@@ -99,6 +101,7 @@ class WorkerInfo(NamedTuple):
     model_dir: str
     load_seconds: float
     version: int
+    node_id: str = ""
 
 
 class Generation(NamedTuple):
@@ -117,9 +120,10 @@ class ModelWorker:
         self._index = index
         self._model: Any = None
         self._error: SparkRayUdfError | None = None
-        remove_stale_folders(Path(spec.work_root).parent)
-        Path(spec.work_root).mkdir(parents=True, exist_ok=True)
-        self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=spec.work_root)
+        root = node_work_root(spec.work_root)  # this node's temp folder, not the driver's
+        remove_stale_folders(root.parent)
+        root.mkdir(parents=True, exist_ok=True)
+        self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=root)
         atexit.register(self._cleanup)
         start = time.monotonic()
         try:
@@ -176,6 +180,7 @@ class ModelWorker:
             model_dir=self._dir,
             load_seconds=self._load_seconds,
             version=self._spec.version,
+            node_id=ray.get_runtime_context().get_node_id(),
         )
 
     def predict(self, columns: list[pa.Array], row_offset: int) -> pa.Array:
@@ -230,6 +235,61 @@ class ModelWorker:
 
 
 _STALE_NAME = re.compile(r"^actor\d+-pid(\d+)-")
+
+
+def node_work_root(pool_folder: str) -> Path:
+    """The folder of a pool's model copies on this machine: ``<temp>/spark-ray-udf/<pool>``
+    for a folder name (each node's own temp folder), or ``pool_folder`` itself when absolute.
+
+    >>> node_work_root("spark-ray-udf.f.abc").parts[-2:]
+    ('spark-ray-udf', 'spark-ray-udf.f.abc')
+    >>> str(node_work_root("/data/pools/p1"))
+    '/data/pools/p1'
+    """
+    if Path(pool_folder).is_absolute():
+        return Path(pool_folder)
+    return Path(tempfile.gettempdir()) / "spark-ray-udf" / pool_folder
+
+
+def _clean_node(pool_folder: str) -> str:
+    """Remove a pool's folder on this node and sweep stale ones; runs as a task on each node."""
+    root = node_work_root(pool_folder)
+    shutil.rmtree(root, ignore_errors=True)
+    remove_stale_folders(root.parent)
+    return ray.get_runtime_context().get_node_id()
+
+
+def clean_every_node(pool_folder: str, *, timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
+    """Remove a pool's model folders on every alive Ray node (a zero-CPU task pinned to each
+    node), bounded by ``timeout_s``; returns the IDs of the nodes it could not clean (logged)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    task = ray.remote(_clean_node)
+    refs = {
+        task.options(
+            num_cpus=0, max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(pool_folder): node
+        for node in nodes
+    }
+    done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    cleaned = set()
+    for ref in done:
+        try:
+            cleaned.add(ray.get(ref, timeout=0))
+        except ray.exceptions.RayError as exc:
+            log.warning("cleaning %s on node %s failed: %s", pool_folder, refs[ref], exc)
+    left = [n for n in nodes if n not in cleaned]
+    for ref in refs:
+        if refs[ref] in left:
+            ray.cancel(ref, force=True)
+    if left:
+        log.warning(
+            "the model folders of %s may remain on nodes %s (not cleaned within %.0fs); the "
+            "next actor on those nodes removes them", pool_folder, left, timeout_s,
+        )
+    return left
 
 
 def _pid_running(pid: int) -> bool:
@@ -295,7 +355,7 @@ class ModelPool:
     function: str
     namespace: str
     gcs_address: str
-    work_root: str
+    work_root: str  # the pool's folder on the driver's machine (each node has its own)
     directory: Any
     generation: Generation
     stored: StoredModel[Any] = field(repr=False)
@@ -331,7 +391,7 @@ class ModelPool:
             )
         except BaseException:
             ray.kill(directory, no_restart=True)
-            shutil.rmtree(spec.work_root, ignore_errors=True)
+            shutil.rmtree(node_work_root(spec.work_root), ignore_errors=True)
             raise
         generation = Generation(number=1, version=stored.version, actors=tuple(actors))
         ray.get(directory.publish.remote(generation), timeout=init_timeout_s)
@@ -339,7 +399,7 @@ class ModelPool:
             function=spec.function,
             namespace=namespace,
             gcs_address=gcs_address,
-            work_root=spec.work_root,
+            work_root=str(node_work_root(spec.work_root)),
             directory=directory,
             generation=generation,
             stored=stored,
@@ -468,9 +528,11 @@ class ModelPool:
                 ray.kill(self.directory, no_restart=True)
             except (RayActorError, ValueError):
                 pass  # already gone
+            # Actors killed without their own cleanup leave their model folders: remove the
+            # pool's folder on every node (each node has its own temp folder).
+            clean_every_node(self.spec.work_root)
         self.stored = StoredModel(self.stored.table, self.stored.version, self.stored.manifest, {})
-        # Actors killed without their own cleanup (ray.shutdown, SIGKILL) leave their model
-        # folders here: the pool removes the whole root on this machine in every case.
+        # And on this machine in every case (ray.shutdown() ran first, the Ray was lost).
         shutil.rmtree(self.work_root, ignore_errors=True)
         log.info("closed the pool of %s", self.function)
 
