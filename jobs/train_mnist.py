@@ -92,9 +92,10 @@ def mnist_table(images: np.ndarray, labels: np.ndarray, *, seed: int = SEED) -> 
 
 
 @ray.remote(num_cpus=1)
-def train_keras(train: pa.Table, model_dir: str, *, seed: int, epochs: int) -> dict[str, Any]:
-    """Train the 784-512-10 network on the Arrow table ``train`` (image, label) and save it as
-    ``model_dir/model.keras``; return the final training metrics."""
+def train_keras(train: pa.Table, *, seed: int, epochs: int) -> tuple[bytes, dict[str, Any]]:
+    """Train the 784-512-10 network on the Arrow table ``train`` (image, label); return the
+    saved ``model.keras`` file's bytes (the task may run on another machine than the driver)
+    and the final training metrics."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -114,8 +115,10 @@ def train_keras(train: pa.Table, model_dir: str, *, seed: int, epochs: int) -> d
     start = time.perf_counter()
     history = model.fit(x, y, epochs=epochs, batch_size=BATCH_SIZE, shuffle=True, verbose=0)
     seconds = time.perf_counter() - start
-    model.save(str(Path(model_dir) / "model.keras"))
-    return {
+    with tempfile.TemporaryDirectory(prefix="mnist-model-") as tmp:
+        model.save(str(Path(tmp) / "model.keras"))
+        saved = (Path(tmp) / "model.keras").read_bytes()
+    return saved, {
         "rows": len(x),
         "epochs": epochs,
         "seconds": round(seconds, 2),
@@ -148,10 +151,10 @@ def main() -> int:
         train = mnist.where("split = 'train'").select("image", "label").orderBy("id").toArrow()
         train_ref = ray.put(train)
         with tempfile.TemporaryDirectory(prefix="mnist-model-") as model_dir:
-            # The task writes into this folder: it shares the driver's disk (local Ray).
-            metrics = ray.get(
-                train_keras.remote(train_ref, model_dir, seed=SEED, epochs=EPOCHS), timeout=600
+            saved, metrics = ray.get(
+                train_keras.remote(train_ref, seed=SEED, epochs=EPOCHS), timeout=600
             )
+            (Path(model_dir) / "model.keras").write_bytes(saved)
             log.info("trained on Ray: %s", metrics)
             version = save_model(spark, model_dir, tables.model)
     print(

@@ -224,6 +224,7 @@ class LocalCluster:
         self._ns: str | None = None
         self._userns = os.geteuid() != 0
         self._seen: set[int] = set()
+        self._ray_root: Path | None = None
         self.env: dict[str, str] = {}
 
     # -- running things inside -------------------------------------------------------------
@@ -321,6 +322,10 @@ class LocalCluster:
         self.pids()
         return set(self._seen)
 
+    def leftover_pids(self) -> set[int]:
+        """Processes the cluster started that are still alive (empty after :meth:`stop`)."""
+        return {p for p in self._seen if _alive(p) and _netns(p) == self._ns}
+
     def listening(self) -> list[tuple[str, int]]:
         """``(address, port)`` of every TCP socket listening in the namespace (``ss -ltnH``)."""
         out = self.run(["ss", "-ltnH"], timeout_s=30, check=True)
@@ -354,7 +359,10 @@ class LocalCluster:
     # -- start / stop -------------------------------------------------------------------------
 
     def _ray_dir(self, index: int) -> Path:
-        return self.root / "ray" / f"node{index}"
+        # Ray's socket paths must stay under 107 bytes: a short folder of its own under /tmp
+        if self._ray_root is None:
+            self._ray_root = Path(tempfile.mkdtemp(prefix="sru-ray-", dir="/tmp"))
+        return self._ray_root / f"n{index}"
 
     def node_tmp(self, index: int) -> Path:
         """``TMPDIR`` of Ray node ``index`` (each node has its own, as separate machines do)."""
@@ -556,8 +564,11 @@ class LocalCluster:
         except ProcessLookupError:
             pass
         self._holder.wait(timeout=STOP_TIMEOUT_S)
-        left |= {p for p in self._seen if _alive(p) and _netns(p) == self._ns}
+        left |= self.leftover_pids()
         self._holder = None
+        if self._ray_root is not None and not left:
+            shutil.rmtree(self._ray_root, ignore_errors=True)
+            self._ray_root = None
         if left:
             raise ClusterError(
                 f"processes of the cluster still alive after stop(): "

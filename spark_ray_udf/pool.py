@@ -261,10 +261,13 @@ def _clean_node(pool_folder: str) -> str:
 
 def clean_every_node(pool_folder: str, *, timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
     """Remove a pool's model folders on every alive Ray node (a zero-CPU task pinned to each
-    node), bounded by ``timeout_s``; returns the IDs of the nodes it could not clean (logged)."""
+    node), bounded by ``timeout_s``; returns the IDs of the nodes it could not clean (logged).
+    A Ray whose only node is the driver's own needs no task (the driver removes the folder)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if nodes == [ray.get_runtime_context().get_node_id()]:
+        return []  # one node, the driver's own: ModelPool.close() removes the folder here
     task = ray.remote(_clean_node)
     refs = {
         task.options(

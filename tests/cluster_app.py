@@ -46,13 +46,22 @@ def _import_ray_on_executors(spark: SparkSession, partitions: int) -> list[int]:
     return sorted(set(spark.sparkContext.parallelize(range(partitions), partitions).mapPartitions(touch).collect()))
 
 
-def _connected_workers(spark: SparkSession, partitions: int) -> list[int]:
-    def probe(_: Any) -> Any:
-        ray = sys.modules.get("ray")
-        yield (os.getpid(), bool(ray is not None and ray.is_initialized()))
+def _node_of(actor: Any, timeout_s: float = 120.0) -> str:
+    """The node an actor runs on, asked of the actor (waiting while Ray restarts it)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
 
-    rows = spark.sparkContext.parallelize(range(partitions), partitions).mapPartitions(probe).collect()
-    return sorted({pid for pid, connected in rows if connected})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(
+                actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()),
+                timeout=30,
+            )
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _score(spark: SparkSession, name: str, rows: int, partitions: int, model: Any) -> dict[str, Any]:
@@ -82,6 +91,7 @@ def main() -> None:
     p.add_argument("--model-source", default="auto")
     p.add_argument("--kill-wait", default="")
     p.add_argument("--import-ray-first", action="store_true")
+    p.add_argument("--try-storage", action="store_true")
     args = p.parse_args()
     data = Path(args.data_dir)
     out: dict[str, Any] = {}
@@ -111,8 +121,16 @@ def main() -> None:
             out["auth_mode"] = os.environ.get("RAY_AUTH_MODE", "")
             start = time.perf_counter()
             out["first"] = _score(spark, "cluster_predict", args.rows, args.partitions, linear)
-            out["connected"] = _connected_workers(spark, args.partitions * 2)
             out["work_roots"] = [a.model_dir for a in model.actors]
+            if args.try_storage:  # the actors cannot read the driver's disk: refused, saying why
+                try:
+                    register_ray_model(
+                        spark, table, "cluster_storage", init_linear, apply_linear,
+                        return_type="bigint", ray_address=args.ray_address, model_source="storage",
+                    ).close()
+                    out["storage_error"] = ""
+                except Exception as exc:
+                    out["storage_error"] = f"{type(exc).__name__}: {exc}"
             if args.kill_wait:
                 Path(args.out + ".phase1").write_text(json.dumps(out))
                 deadline = time.monotonic() + 180
@@ -120,10 +138,7 @@ def main() -> None:
                     time.sleep(0.2)
                 out["second"] = _score(spark, "cluster_predict", args.rows, args.partitions, linear)
                 out["alive_after"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-                out["actor_nodes_after"] = [
-                    ray.get(a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=30)
-                    for a in model._pool.generation.actors
-                ]
+                out["actor_nodes_after"] = [_node_of(a) for a in model._pool.generation.actors]
     except Exception as exc:  # the test reads the error and how long it took
         out["error"] = f"{type(exc).__name__}: {exc}"
         out["error_s"] = time.perf_counter() - start
