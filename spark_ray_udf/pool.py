@@ -18,6 +18,7 @@ the pool lives.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -232,6 +233,8 @@ class ModelWorker:
 
     def _cleanup(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the pool's folder on this node, once empty
+            Path(self._dir).parent.rmdir()
 
 
 _STALE_NAME = re.compile(r"^actor\d+-pid(\d+)-")
