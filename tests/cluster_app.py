@@ -135,6 +135,11 @@ def main() -> None:
                 while not Path(args.kill_wait).exists() and time.monotonic() < deadline:
                     time.sleep(0.2)
                 out["second"] = _score(spark, "cluster_predict", args.rows, args.partitions, linear)
+                deadline = time.monotonic() + 180  # until the GCS marks the lost node dead
+                while len([n for n in ray.nodes() if n["Alive"]]) >= len(out["alive_nodes"]):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(1.0)
                 out["alive_after"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
                 out["actor_nodes_after"] = [_node_of(a) for a in model._pool.generation.actors]
     except Exception as exc:  # the test reads the error and how long it took
