@@ -35,6 +35,7 @@ Example (``tests/test_cluster.py`` runs these lines)::
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -380,6 +381,7 @@ class LocalCluster:
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
         self._start_namespace()
+        atexit.register(self.stop)  # an interrupted session (Ctrl-C) still ends the cluster
         try:
             self.env = self._base_env()
             self._start_spark()
