@@ -37,6 +37,13 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument(
         "--cores", type=int, default=2, help="cores of the local Spark (default: 2)"
     )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="GCS address (host:port) of a running Ray cluster; default: RAY_ADDRESS, or a local "
+        "Ray started on 127.0.0.1. With token auth the driver needs the token (RAY_AUTH_TOKEN_PATH "
+        "or RAY_AUTH_TOKEN) and so do the executors (docs/deploy.md)",
+    )
     args = parser.parse_args(argv)
     if args.cores < 1:
         parser.error(f"--cores must be a positive int (got {args.cores})")
@@ -76,12 +83,41 @@ class Tables:
         return str(self.root / "mnist_predictions")
 
 
-@contextmanager
-def spark_and_ray(app_name: str, data_dir: Path, *, cores: int = 2) -> Iterator[SparkSession]:
-    """A local Delta-enabled Spark (warehouse under ``data_dir``) and a connected Ray.
+def launched_by_spark_submit() -> bool:
+    """True when this script runs under ``spark-submit`` (which then owns the master and JARs).
 
-    Ray is started (on 127.0.0.1) unless ``RAY_ADDRESS`` names a cluster. On exit Spark is
-    stopped and this process disconnects from Ray, which also stops the local Ray it started.
+    >>> launched_by_spark_submit() == ("PYSPARK_GATEWAY_PORT" in os.environ)
+    True
+    """
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _submitted_spark(app_name: str, warehouse: str) -> SparkSession:
+    """The session of a ``spark-submit`` run: its ``--master`` and ``--packages``/``--jars``
+    (Delta's) are kept; only Delta's SQL settings and the warehouse are added."""
+    from pyspark.sql import SparkSession
+
+    spark = (
+        SparkSession.builder.appName(app_name)
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        .config("spark.sql.warehouse.dir", warehouse)
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+@contextmanager
+def spark_and_ray(
+    app_name: str, data_dir: Path, *, cores: int = 2, ray_address: str | None = None
+) -> Iterator[SparkSession]:
+    """A Delta-enabled Spark (warehouse under ``data_dir``) and a connected Ray.
+
+    Run with ``python``, Spark is local (``cores`` cores); under ``spark-submit`` it is the
+    ``--master`` given there. Ray is ``ray_address``, else ``RAY_ADDRESS``, else a local Ray
+    started on 127.0.0.1. On exit Spark is stopped and this process disconnects from Ray,
+    which also stops the local Ray it started.
     """
     import ray
 
@@ -92,10 +128,14 @@ def spark_and_ray(app_name: str, data_dir: Path, *, cores: int = 2) -> Iterator[
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     data_dir.mkdir(parents=True, exist_ok=True)
     connected_here = not ray.is_initialized()
-    spark = local_spark(app_name, cores=cores, warehouse_dir=str(data_dir.resolve() / "warehouse"))
+    warehouse = str(data_dir.resolve() / "warehouse")
+    if launched_by_spark_submit():
+        spark = _submitted_spark(app_name, warehouse)
+    else:
+        spark = local_spark(app_name, cores=cores, warehouse_dir=warehouse)
     try:
-        gcs = ensure_ray()
-        log.info("Spark %s (local[%d]), Ray at %s", spark.version, cores, gcs)
+        gcs = ensure_ray(ray_address)
+        log.info("Spark %s (%s), Ray at %s", spark.version, spark.sparkContext.master, gcs)
         yield spark
     finally:
         spark.stop()

@@ -53,7 +53,9 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    with spark_and_ray("batch_predict", args.data_dir, cores=args.cores) as spark:
+    with spark_and_ray(
+        "batch_predict", args.data_dir, cores=args.cores, ray_address=args.ray_address
+    ) as spark:
         test = spark.read.format("delta").load(tables.mnist).where("split = 'test'")
         test.createOrReplaceTempView("mnist_test")
         with register_ray_model(

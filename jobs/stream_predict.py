@@ -58,7 +58,9 @@ def main() -> int:
     for path in (source, sink, sink_fb, str(checkpoints)):
         shutil.rmtree(path, ignore_errors=True)  # a fresh demo each run
 
-    with spark_and_ray("stream_predict", args.data_dir, cores=args.cores) as spark:
+    with spark_and_ray(
+        "stream_predict", args.data_dir, cores=args.cores, ray_address=args.ray_address
+    ) as spark:
         test = spark.read.format("delta").load(tables.mnist).where("split = 'test'").select(
             "id", "image", "label"
         )

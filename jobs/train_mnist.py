@@ -114,6 +114,9 @@ class KerasTrainer:
             optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
         )
 
+    def rows(self) -> int:
+        return len(self.x)
+
     def epoch(self) -> dict[str, float]:
         start = time.perf_counter()
         history = self.model.fit(
@@ -125,9 +128,12 @@ class KerasTrainer:
             "accuracy": float(history.history["accuracy"][-1]),
         }
 
-    def save(self, model_dir: str) -> int:
-        self.model.save(str(Path(model_dir) / "model.keras"))
-        return len(self.x)
+    def save(self) -> bytes:
+        """The saved ``model.keras`` file's bytes (this actor may run on another machine than
+        the driver, so it cannot write into the driver's folder)."""
+        with tempfile.TemporaryDirectory(prefix="mnist-model-") as tmp:
+            self.model.save(str(Path(tmp) / "model.keras"))
+            return (Path(tmp) / "model.keras").read_bytes()
 
 
 def train_keras(train: Any, model_dir: str, *, seed: int, epochs: int) -> dict[str, Any]:
@@ -144,7 +150,9 @@ def train_keras(train: Any, model_dir: str, *, seed: int, epochs: int) -> dict[s
                 "epoch %d/%d: loss %.4f, accuracy %.4f (%.1fs)",
                 n, epochs, last["loss"], last["accuracy"], last["seconds"],
             )
-        rows = ray.get(trainer.save.remote(model_dir), timeout=600)
+        saved = ray.get(trainer.save.remote(), timeout=600)
+        rows = ray.get(trainer.rows.remote(), timeout=60)
+        (Path(model_dir) / "model.keras").write_bytes(saved)
     finally:
         ray.kill(trainer)
     return {
@@ -161,7 +169,9 @@ def main() -> int:
     setup_logging()
     tables = Tables.under(args.data_dir)
     started = time.perf_counter()
-    with spark_and_ray("train_mnist", args.data_dir, cores=args.cores) as spark:
+    with spark_and_ray(
+        "train_mnist", args.data_dir, cores=args.cores, ray_address=args.ray_address
+    ) as spark:
         images, labels = digits_as_mnist()
         table = mnist_table(images, labels)
         (
@@ -178,7 +188,7 @@ def main() -> int:
         train = mnist.where("split = 'train'").select("image", "label").orderBy("id").toArrow()
         train_ref = ray.put(train)
         with tempfile.TemporaryDirectory(prefix="mnist-model-") as model_dir:
-            # The task writes into this folder: it shares the driver's disk (local Ray).
+            # the trainer returns the file's bytes: it may run on another node
             metrics = train_keras(train_ref, model_dir, seed=SEED, epochs=EPOCHS)
             log.info("trained on Ray: %s", metrics)
             version = save_model(spark, model_dir, tables.model)

@@ -20,10 +20,11 @@ import queue
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from spark_ray_udf.errors import RayUnavailableError
+from spark_ray_udf.errors import RayAuthError, RayUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ def ensure_ray(address: str | None = None) -> str:
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
             check_reachable(address)
+            if split_address(address) is not None:
+                check_auth(address, who="the driver", adopt_token=True)
             log.info("connecting to Ray at %s", address)
             on_lasting_thread(
                 lambda: ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -257,9 +260,140 @@ def _disconnect_lost(address: str, *, who: str) -> None:
     ray.shutdown()
 
 
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+_TOKEN_HELP = (
+    "pass the Ray cluster's token to the Spark executors: --conf "
+    "spark.executorEnv.RAY_AUTH_TOKEN_PATH=<a file holding the token on every executor machine>, "
+    "or --conf spark.executorEnv.RAY_AUTH_TOKEN=<the token> (Spark redacts it in its UI), or put "
+    "it in ~/.ray/auth_token of the user the executors run as (`ray get-auth-token` on a node "
+    "prints it); see docs/deploy.md"
+)
+
+
 def auth_mode() -> str:
-    """The driver's Ray auth mode (``RAY_AUTH_MODE``, set by ``ray.init``), for the workers."""
-    return os.environ.get("RAY_AUTH_MODE", "")
+    """The driver's Ray auth mode (``RAY_AUTH_MODE``, which ``ray.init`` sets when it starts a
+    local Ray with token auth), for the workers; ``""`` when unset."""
+    return os.environ.get(AUTH_MODE_ENV, "")
+
+
+def token_source(env: Mapping[str, str], home: str | os.PathLike[str]) -> str | None:
+    """Where Ray would find this process's auth token, in Ray's own order, or None.
+
+    Ray looks at ``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``, then
+    ``~/.ray/auth_token``.
+
+    >>> token_source({"RAY_AUTH_TOKEN": "abc"}, "/nonexistent")
+    'RAY_AUTH_TOKEN'
+    >>> token_source({"RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "/nonexistent") is None
+    True
+    """
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    path = env.get("RAY_AUTH_TOKEN_PATH")
+    candidates = [Path(path)] if path else [Path(home) / ".ray" / "auth_token"]
+    for file in candidates:
+        try:
+            if file.read_text().strip():
+                return str(file)
+        except OSError:
+            continue
+    return None
+
+
+def set_auth_mode(mode: str) -> None:
+    """Make this process use Ray auth ``mode`` (``"token"`` or ``"disabled"``) from now on.
+
+    Ray reads ``RAY_AUTH_MODE`` into a cached config when ``ray`` is first imported: setting
+    the variable alone does nothing in a process that imported Ray already (a reused Spark
+    Python worker). Like Ray's own token set-up, the config is then read again.
+
+    >>> set_auth_mode("on")
+    Traceback (most recent call last):
+    ValueError: Ray auth mode must be 'token' or 'disabled' (got 'on')
+    """
+    if mode not in ("token", "disabled"):
+        raise ValueError(f"Ray auth mode must be 'token' or 'disabled' (got {mode!r})")
+    os.environ[AUTH_MODE_ENV] = mode
+    if "ray._raylet" in sys.modules:
+        _reload_ray_auth_config()
+
+
+def _reload_ray_auth_config() -> None:
+    """Private Ray API (what ``ray._private.authentication.authentication_token_setup.
+    _enable_token_auth`` calls after setting the variable): re-read ``RAY_*`` config from the
+    environment and forget the cached token. ``tests/test_ray_private.py`` checks it."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def ray_auth_mode() -> str:
+    """The auth mode Ray uses in this process now (``"token"``, ``"disabled"``, ...), as Ray
+    itself reports it (a private Ray API, checked by ``tests/test_ray_private.py``)."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    mode = get_authentication_mode()
+    names = {AuthenticationMode.TOKEN: "token", AuthenticationMode.DISABLED: "disabled"}
+    return names.get(mode, f"mode {mode}")
+
+
+def _gcs_accepts(address: str) -> None:
+    """Open Ray's GCS client to ``address`` (a private Ray API, checked by
+    ``tests/test_ray_private.py``); raises ``ray.exceptions.AuthenticationError`` in
+    milliseconds when the GCS refuses this process's token."""
+    from ray._raylet import GcsClient
+
+    GcsClient(address=address)
+
+
+def check_auth(address: str, *, who: str, adopt_token: bool = False) -> None:
+    """Raise :class:`RayAuthError` within a second when the GCS at ``address`` refuses this
+    process's token (or lack of one), instead of Ray's ~20 s of retries and a bare
+    ``ConnectionError``.
+
+    With ``adopt_token`` (the driver), a process whose ``RAY_AUTH_MODE`` is unset but that has
+    a token (see :func:`token_source`) switches to token mode when the cluster asks for one, as
+    Ray itself does for ``address="auto"``; the executors then get mode ``token`` from it.
+    """
+    from ray.exceptions import AuthenticationError
+
+    mode = os.environ.get(AUTH_MODE_ENV, "") or "unset"
+    source = token_source(os.environ, Path.home())
+    if mode == "token" and source is None:  # Ray's GCS client would abort the process
+        raise RayAuthError(f"{who}: {auth_problem(address, mode, source)}{_TOKEN_HELP}")
+    try:
+        _gcs_accepts(address)
+        return
+    except AuthenticationError as exc:
+        error: AuthenticationError = exc
+    if adopt_token and mode == "unset" and source is not None:
+        set_auth_mode("token")
+        log.info("the Ray at %s asks for a token: using the one from %s", address, source)
+        try:
+            _gcs_accepts(address)
+            return
+        except AuthenticationError as exc:
+            error, mode = exc, "token"
+    raise RayAuthError(f"{who}: {auth_problem(address, mode, source)}{_TOKEN_HELP}") from error
+
+
+def auth_problem(address: str, mode: str, source: str | None) -> str:
+    """Why the Ray at ``address`` refused a process in auth ``mode`` with the token from
+    ``source`` (None: no token), for :class:`RayAuthError`.
+
+    >>> auth_problem("h:6379", "token", None)
+    'Ray token auth is on but this process has no token for the Ray at h:6379 (missing token): '
+    """
+    if mode != "token":
+        return (
+            f"the Ray at {address} requires a token, but this process's RAY_AUTH_MODE is "
+            f"{mode!r}: set RAY_AUTH_MODE=token (Ray turns it on by itself only for a cluster it "
+            "starts or finds with address='auto') and "
+        )
+    if source is None:
+        return f"Ray token auth is on but this process has no token for the Ray at {address} (missing token): "
+    return f"the Ray at {address} refused the token from {source} (wrong token): "
 
 
 def connect_worker(address: str, *, who: str, auth: str = "") -> None:
@@ -267,11 +401,12 @@ def connect_worker(address: str, *, who: str, auth: str = "") -> None:
 
     ``auth`` is the driver's ``RAY_AUTH_MODE``: a Spark worker forked before the driver started
     Ray lacks it, and would then connect without the token (Ray 2.60 turns token auth on by
-    default; the token itself stays in the Ray token file, it never travels in the closure).
-    Ray reads the mode when it is first imported, so it is set before ``import ray``.
+    default). It is applied with :func:`set_auth_mode`, so a worker that imported Ray before
+    (a reused Python worker) gets it too. The token itself never travels in the closure: Ray
+    reads it from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` on the
+    executor (docs/deploy.md says how to pass it). A missing or wrong token raises
+    :class:`RayAuthError` at once, naming the fix.
     """
-    if auth and not os.environ.get("RAY_AUTH_MODE"):
-        os.environ["RAY_AUTH_MODE"] = auth
     if is_loopback(address):
         _loopback_only()  # else Ray looks for this node's raylet on the machine's address
     import ray
@@ -288,7 +423,11 @@ def connect_worker(address: str, *, who: str, auth: str = "") -> None:
                 )
             else:
                 return
+        if auth in ("token", "disabled") and os.environ.get(AUTH_MODE_ENV) != auth:
+            set_auth_mode(auth)
         check_reachable(address, who=who)
+        if split_address(address) is not None:
+            check_auth(address, who=who)
         ray.init(
             address=address,
             log_to_driver=False,

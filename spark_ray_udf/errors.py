@@ -44,6 +44,10 @@ class RayUnavailableError(SparkRayUdfError, ConnectionError):
     """Ray cannot be reached at the configured address."""
 
 
+class RayAuthError(RayUnavailableError):
+    """Ray's token authentication refused this process: no token, or not the cluster's."""
+
+
 class PoolClosedError(SparkRayUdfError, RuntimeError):
     """The actor pool behind a SQL function was closed or is gone."""
 

@@ -48,6 +48,7 @@ from spark_ray_udf.worker import (
     WorkerSpec,
     percentiles,
     qualname,
+    node_work_root,
     remote_worker_class,
     remove_stale_folders,
 )
@@ -66,8 +67,10 @@ __all__ = [
     "stop_actors",
 ]
 
+# "SPREAD": one actor per node before a second on any (small actors would otherwise all pack
+# on one node: no redundancy); actor_options={"scheduling_strategy": "DEFAULT"} packs.
 DEFAULT_ACTOR_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {"num_cpus": 0.25, "max_restarts": -1, "max_task_retries": 0}
+    {"num_cpus": 0.25, "max_restarts": -1, "max_task_retries": 0, "scheduling_strategy": "SPREAD"}
 )
 STOP_TIMEOUT_S = 10.0
 WATCH_S = 5.0  # how often the driver checks that every actor of the pool is still alive
@@ -132,7 +135,7 @@ class ModelPool:
     function: str
     namespace: str
     gcs_address: str
-    work_root: str
+    work_root: str  # the pool's folder on the driver's machine (each node has its own)
     directory: Directory
     generation: Generation
     stored: StoredModel[Any] = field(repr=False)
@@ -172,7 +175,7 @@ class ModelPool:
                 timeout_s=init_timeout_s, cancel=cancel, holders=holders, namespace=namespace,
             )
         except BaseException:
-            shutil.rmtree(spec.work_root, ignore_errors=True)
+            shutil.rmtree(node_work_root(spec.work_root), ignore_errors=True)
             raise
         generation = Generation(number=1, version=stored.version, actors=tuple(actors))
         try:
@@ -185,7 +188,7 @@ class ModelPool:
             function=spec.function,
             namespace=namespace,
             gcs_address=gcs_address,
-            work_root=spec.work_root,
+            work_root=str(node_work_root(spec.work_root)),
             directory=directory,
             generation=generation,
             stored=stored,
@@ -368,9 +371,11 @@ class ModelPool:
                 self.directory.remove()
             except Exception:  # the GCS went away meanwhile: the entry goes with it
                 log.warning("%s: could not remove the directory entry", self.function, exc_info=True)
+            # Actors killed without their own cleanup leave their model folders: remove the
+            # pool's folder on every node (each node has its own temp folder).
+            clean_every_node(self.spec.work_root)
         self.stored = StoredModel(self.stored.table, self.stored.version, self.stored.manifest, {})
-        # Actors killed without their own cleanup (ray.shutdown, SIGKILL) leave their model
-        # folders here: the pool removes the whole root on this machine in every case.
+        # And on this machine in every case (ray.shutdown() ran first, the Ray was lost).
         shutil.rmtree(self.work_root, ignore_errors=True)
         log.info("closed the pool of %s", self.function)
 
@@ -558,3 +563,47 @@ def summarize(pool: ModelPool, actors: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_s": percentiles(window),
         "closed": pool.closed,
     }
+
+
+def _clean_node(pool_folder: str) -> str:
+    """Remove a pool's folder on this node and sweep stale ones; runs as a task on each node."""
+    root = node_work_root(pool_folder)
+    shutil.rmtree(root, ignore_errors=True)
+    remove_stale_folders(root.parent)
+    return ray.get_runtime_context().get_node_id()
+
+
+def clean_every_node(pool_folder: str, *, timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
+    """Remove a pool's model folders on every alive Ray node (a zero-CPU task pinned to each
+    node), bounded by ``timeout_s``; returns the IDs of the nodes it could not clean (logged).
+    A Ray whose only node is the driver's own needs no task (the driver removes the folder)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if nodes == [ray.get_runtime_context().get_node_id()]:
+        return []  # one node, the driver's own: ModelPool.close() removes the folder here
+    task = ray.remote(_clean_node)
+    refs = {
+        task.options(
+            num_cpus=0, max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(pool_folder): node
+        for node in nodes
+    }
+    done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    cleaned = set()
+    for ref in done:
+        try:
+            cleaned.add(ray.get(ref, timeout=0))
+        except ray.exceptions.RayError as exc:
+            log.warning("cleaning %s on node %s failed: %s", pool_folder, refs[ref], exc)
+    left = [n for n in nodes if n not in cleaned]
+    for ref in refs:
+        if refs[ref] in left:
+            ray.cancel(ref, force=True)
+    if left:
+        log.warning(
+            "the model folders of %s may remain on nodes %s (not cleaned within %.0fs); the "
+            "next actor on those nodes removes them", pool_folder, left, timeout_s,
+        )
+    return left

@@ -6,6 +6,15 @@ test can ask for the fixtures ``spark`` (a session-wide local Spark with Delta),
 :func:`~spark_ray_udf.register_ray_model` and closes what it registered when the test ends),
 without a ``conftest.py``. ``pytest -p no:spark_ray_udf.testing`` turns it off.
 
+A real multi-node cluster on this machine (Spark standalone + a two-node Ray, in a private
+network namespace, everything on loopback) is :class:`LocalCluster` (see
+:mod:`spark_ray_udf.cluster`)::
+
+    from spark_ray_udf.testing import LocalCluster
+
+    with LocalCluster() as cluster:
+        cluster.spark_submit("my_job.py", "--ray-address", cluster.ray_address)
+
 The tiny model is a linear classifier stored as two ``.npy`` files: :func:`make_linear_model`
 writes one, :func:`init_linear` loads it, :func:`apply_linear` predicts classes and
 :func:`apply_linear_scores` the raw scores. It lives in the package so that Ray actors and Spark
@@ -23,6 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from spark_ray_udf.cluster import LocalCluster  # noqa: F401  (re-exported for users)
+
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

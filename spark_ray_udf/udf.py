@@ -18,14 +18,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import tempfile
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
@@ -680,7 +678,7 @@ def _register_locked(
         conf=conf_dict,
         return_type=arrow_type,
         on_null=on_null,
-        work_root=str(Path(tempfile.gettempdir()) / "spark-ray-udf" / namespace),
+        work_root=namespace,  # each actor's node puts it under its own temp folder
         fetch_timeout_s=init_timeout_s,
         with_version=with_version,
         share_files=bool(share_model_files),

@@ -17,6 +17,7 @@ This module never talks to Spark.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -79,7 +80,7 @@ class WorkerSpec:
     conf: Mapping[str, Any]
     return_type: pa.DataType
     on_null: NullPolicy
-    work_root: str
+    work_root: str  # the pool's folder name; each node puts it under its own node_work_root()
     fetch_timeout_s: float
     with_version: bool = False
     files: tuple[str, ...] = ()  # read the model from these Parquet files; else chunk refs
@@ -177,9 +178,10 @@ class ModelWorker:
         except Exception:  # metrics are optional: never fail a load on them, but say so
             log.warning("%s: Ray metrics unavailable on actor %d", spec.function, index, exc_info=True)
             self._metrics = None
-        remove_stale_folders(Path(spec.work_root).parent)
+        root = node_work_root(spec.work_root)  # this node's temp folder, not the driver's
+        remove_stale_folders(root.parent)
         _shared.sweep()
-        Path(spec.work_root).mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         self._dir = ""
         atexit.register(self._cleanup)
         start = time.monotonic()
@@ -191,7 +193,7 @@ class ModelWorker:
                     timeout_s=spec.fetch_timeout_s, where=spec.where,
                 ))
             else:
-                self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=spec.work_root)
+                self._dir = tempfile.mkdtemp(prefix=f"actor{index}-pid{os.getpid()}-", dir=root)
                 self._fetch(chunks, self._dir)
         except SparkRayUdfError as exc:
             self._error = exc
@@ -366,6 +368,8 @@ class ModelWorker:
         else:
             shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = ""
+        with contextlib.suppress(OSError):  # the pool's folder on this node, once empty
+            node_work_root(self._spec.work_root).rmdir()
 
 
 def _partition_note(partition: int | None) -> str:
@@ -393,6 +397,20 @@ def remote_worker_class() -> Any:
 
 
 _STALE_NAME = re.compile(r"^actor\d+-pid(\d+)-")
+
+
+def node_work_root(pool_folder: str) -> Path:
+    """The folder of a pool's model copies on this machine: ``<temp>/spark-ray-udf/<pool>``
+    for a folder name (each node's own temp folder), or ``pool_folder`` itself when absolute.
+
+    >>> node_work_root("spark-ray-udf.f.abc").parts[-2:]
+    ('spark-ray-udf', 'spark-ray-udf.f.abc')
+    >>> str(node_work_root("/data/pools/p1"))
+    '/data/pools/p1'
+    """
+    if Path(pool_folder).is_absolute():
+        return Path(pool_folder)
+    return Path(tempfile.gettempdir()) / "spark-ray-udf" / pool_folder
 
 
 def _pid_running(pid: int) -> bool:
