@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from spark_ray_udf.errors import RayAuthError, RayUnavailableError
+from spark_ray_udf.errors import ConfigError, RayAuthError, RayUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +309,10 @@ def set_auth_mode(mode: str) -> None:
 
     >>> set_auth_mode("on")
     Traceback (most recent call last):
-    ValueError: Ray auth mode must be 'token' or 'disabled' (got 'on')
+    spark_ray_udf.errors.ConfigError: Ray auth mode must be 'token' or 'disabled' (got 'on')
     """
     if mode not in ("token", "disabled"):
-        raise ValueError(f"Ray auth mode must be 'token' or 'disabled' (got {mode!r})")
+        raise ConfigError(f"Ray auth mode must be 'token' or 'disabled' (got {mode!r})")
     os.environ[AUTH_MODE_ENV] = mode
     if "ray._raylet" in sys.modules:
         _reload_ray_auth_config()
