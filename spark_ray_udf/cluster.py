@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from spark_ray_udf.errors import SparkRayUdfError
+from spark_ray_udf.errors import ConfigError, SparkRayUdfError
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class LocalCluster:
         start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         if spark_workers < 1 or ray_nodes < 1:
-            raise ValueError(f"spark_workers and ray_nodes must be >= 1 (got {spark_workers}, {ray_nodes})")
+            raise ConfigError(f"spark_workers and ray_nodes must be >= 1 (got {spark_workers}, {ray_nodes})")
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="sru-cluster-"))
         self.spark_workers = spark_workers
         self.ray_nodes = ray_nodes
@@ -348,7 +348,7 @@ class LocalCluster:
     def kill_ray_node(self, index: int) -> set[int]:
         """SIGKILL every process of Ray node ``index`` (a machine lost); returns their PIDs."""
         if index == 0:
-            raise ValueError("node 0 is the head: killing it ends the whole Ray cluster")
+            raise ConfigError("node 0 is the head: killing it ends the whole Ray cluster")
         victims = self.ray_node_pids(index)
         for pid in victims:
             try:
