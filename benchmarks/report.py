@@ -80,8 +80,8 @@ def targets_table(scenarios: Sequence[Scenario]) -> list[str]:
     for sc in scenarios:
         for t in sc.targets:
             status = "n/a" if t.met is None else ("**met**" if t.met else "**missed**")
-            rows.append([t.name, t.goal, t.measured, status, t.why])
-    return _table(["target", "goal", "measured", "status", "why (when missed)"], rows)
+            rows.append([t.name, t.goal, t.measured, status, t.margin(), t.why])
+    return _table(["target", "goal", "measured", "status", "by how much", "why (when missed)"], rows)
 
 
 def write_markdown(
@@ -96,6 +96,7 @@ def write_markdown(
     plan: list[str],
     dominates: list[str],
     load_at_start: float | None = None,
+    chart: str | None = "benchmarks.png",
 ) -> None:
     if load_at_start is not None and load_at_start < 0.5:
         caveat = (
@@ -113,7 +114,8 @@ def write_markdown(
     lines = [
         "# Benchmarks: spark-ray-udf against the alternatives",
         "",
-        "Written by `make bench` (`benchmarks/run.py`"
+        ("Written by `make bench-real` (`benchmarks/run.py --only S6`" if set(scenarios) == {"S6"}
+         else "Written by `make bench` (`benchmarks/run.py`")
         + (", **`--quick`: small sizes, 1 round — a smoke test, not a measurement**" if cfg.quick else "")
         + f"). This run: {elapsed_s / 60:.1f} min on {platform.machine()} with "
         f"{__import__('os').cpu_count()} cores, no GPU; "
@@ -136,6 +138,10 @@ def write_markdown(
         "",
         "Contenders: " + "; ".join(f"{v}" for v in LABELS.values()) + ".",
         "",
+        "Elsewhere: S6, a real transformer model (`make bench-real`), in "
+        "[benchmarks-real.md](benchmarks-real.md); the GPU run (`make bench-gpu`) in "
+        "[benchmarks-gpu.md](benchmarks-gpu.md).",
+        "",
         "## Targets",
         "",
         *targets_table(list(scenarios.values())),
@@ -145,7 +151,7 @@ def write_markdown(
         lines += [f"## {key}. {sc.title}", ""]
         lines += [f"- {s}" for s in sc.setup]
         lines.append("")
-        if sc.key in ("S1", "S2"):
+        if sc.key in ("S1", "S2", "S6"):
             lines += throughput_table(sc)
             lines.append("")
         for title, header, rows in sc.tables:
@@ -183,7 +189,8 @@ def write_markdown(
             "",
         ]
     lines += ["## Plan past this machine", "", *plan, ""]
-    lines += ["![benchmarks](benchmarks.png)", ""]
+    if chart:
+        lines += [f"![benchmarks]({chart})", ""]
     path.write_text("\n".join(lines))
 
 
