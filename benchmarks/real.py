@@ -176,7 +176,7 @@ def s6(b: Bench) -> Scenario:
                                 "(Ray timeline); the other pool's actors are not counted")
     sc.tables.append((
         "Embeddings against (a)'s, every element",
-        ["contender", "max |x - (a)|", f"<= {TOLERANCE:g}"],
+        ["contender", "largest difference from (a), any element", f"<= {TOLERANCE:g}"],
         [[LABELS[k], f"{v:.2e}", "yes" if v <= TOLERANCE else "**NO**"] for k, v in diffs.items()],
     ))
     sc.tables.append((
