@@ -83,7 +83,10 @@ def write_parquet(path: Path, texts: np.ndarray, *, files: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)  # files left by another file count would be read too
+    path.mkdir(parents=True)
     bounds = np.linspace(0, len(texts), files + 1).astype(int)
     for f, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         table = pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)),
