@@ -356,7 +356,8 @@ def render(rows: list[Row], *, gpus: list[tuple[str, int, int]], baseline_mib: i
         "",
         f"Written by `benchmarks/gpu.py`{' --cpu' if args.cpu else ''}{' --quick' if args.quick else ''} "
         f"in {elapsed_s / 60:.1f} min on {platform.machine()}, {os.cpu_count()} cores, Spark "
-        f"`local[{args.cores}]` (executors on the CPU), {args.actors} spark-ray-udf actors. {where}",
+        f"`local[{args.cores}]` (executors on the CPU), spark-ray-udf with {args.actors} "
+        f"actor{'' if args.actors == 1 else 's'}. {where}",
         "",
         "Every round of every contender starts from fresh Spark Python workers and a warm-up pass. "
         "GPU memory: the peak of `nvidia-smi`'s used memory (all GPUs) while the contender ran, minus "
