@@ -408,15 +408,19 @@ def plan(s1: Scenario | None, s2: Scenario | None, s5: Scenario | None, cores: i
     return lines
 
 
-def summary(scenarios: dict[str, Scenario], elapsed: float, out: Path, *, quiet: bool = False) -> str:
-    lines = [f"spark-ray-udf benchmarks ({elapsed / 60:.1f} min) -> {out / 'benchmarks.md'}, {out / 'benchmarks.png'}"]
+def summary(scenarios: dict[str, Scenario], elapsed: float, out: Path, *, quiet: bool = False,
+            name: str = "benchmarks", charted: bool = True) -> str:
+    files = f"{out / (name + '.md')}" + (f", {out / (name + '.png')}" if charted else "")
+    lines = [f"spark-ray-udf benchmarks ({elapsed / 60:.1f} min) -> {files}"]
     for key, sc in scenarios.items():
-        if sc.results and key in ("S1", "S2"):
+        if sc.results and key in ("S1", "S2", "S6"):
             rates = ", ".join(f"({k}) {r.median_rate:,.0f}" for k, r in sc.results.items())
             lines.append(f"  {key} rows/s: {rates}")
         for tg in sc.targets:
             status = "met" if tg.met else "MISSED"
-            lines.append(f"  {tg.name}: {tg.measured} (goal {tg.goal}) -> {status}")
+            margin = tg.margin()
+            lines.append(f"  {tg.name}: {tg.measured} (goal {tg.goal}) -> {status}"
+                         + (f", {margin}" if margin else ""))
     if not quiet:
         lines.append("  (shared, noisy 2-core machine: re-measure on a quiet machine before quoting)")
     return "\n".join(lines)

