@@ -394,3 +394,14 @@ class Probe:
 
     def ready(self) -> int:
         return os.getpid()
+
+
+def model_dir_released(model_dir: str, pids: Any) -> bool:
+    """True once the actors ``pids`` no longer hold ``model_dir``: it is gone, or it is a
+    machine's shared copy (spark_ray_udf._shared) still held by other pools' actors only."""
+    p = Path(model_dir)
+    if not p.exists():
+        return True
+    holders = p.with_name(p.name + ".holders")
+    held = {int(h.name) for h in holders.iterdir() if h.name.isdigit()} if holders.is_dir() else set()
+    return holders.is_dir() and not held & set(pids) and bool(held)

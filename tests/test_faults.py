@@ -489,7 +489,8 @@ def test_close_leaves_no_actor_folder_or_pinned_model(spark, linear_table, sourc
     model.close()
     assert helpers.wait_gone(pids) == []
     assert helpers.pool_namespaces("fault_leak") == []
-    assert not Path(work_root).exists() and not any(Path(d).exists() for d in model_dirs)
+    assert not Path(work_root).exists()
+    assert all(helpers.model_dir_released(d, pids) for d in model_dirs)
     # the driver no longer holds the chunks, so Ray frees them
     assert model._pool.stored.chunks == {}
     helpers.wait_for(
