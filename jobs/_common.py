@@ -24,9 +24,16 @@ log = logging.getLogger("jobs")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The options every job takes: ``--data-dir`` and ``--cores``."""
+def parse_args(
+    description: str, argv: Sequence[str] | None = None, *, epochs: int | None = None
+) -> argparse.Namespace:
+    """The options every job takes: ``--data-dir``, ``--cores``, ``--ray-address``; with
+    ``epochs`` (a default), also ``--epochs`` (the training job)."""
     parser = argparse.ArgumentParser(description=description)
+    if epochs is not None:
+        parser.add_argument(
+            "--epochs", type=int, default=epochs, help=f"training epochs (default: {epochs})"
+        )
     parser.add_argument(
         "--data-dir",
         type=Path,

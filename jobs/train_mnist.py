@@ -165,7 +165,7 @@ def train_keras(train: Any, model_dir: str, *, seed: int, epochs: int) -> dict[s
 
 
 def main() -> int:
-    args = parse_args("Train a Keras digit classifier on Ray and store it in Delta.")
+    args = parse_args("Train a Keras digit classifier on Ray and store it in Delta.", epochs=EPOCHS)
     setup_logging()
     tables = Tables.under(args.data_dir)
     started = time.perf_counter()
@@ -189,7 +189,7 @@ def main() -> int:
         train_ref = ray.put(train)
         with tempfile.TemporaryDirectory(prefix="mnist-model-") as model_dir:
             # the trainer returns the file's bytes: it may run on another node
-            metrics = train_keras(train_ref, model_dir, seed=SEED, epochs=EPOCHS)
+            metrics = train_keras(train_ref, model_dir, seed=SEED, epochs=args.epochs)
             log.info("trained on Ray: %s", metrics)
             version = save_model(spark, model_dir, tables.model)
     print(

@@ -179,9 +179,9 @@ def test_jobs_run_unchanged_on_the_cluster(cluster, spark, tmp_path):
     data = tmp_path / "demo"
     tok, env = _token(cluster), _driver_env(cluster)
 
-    def submit(script: str) -> None:
+    def submit(script: str, *extra: str) -> None:
         proc = cluster.spark_submit(
-            script, "--data-dir", str(data), "--ray-address", cluster.ray_address,
+            script, "--data-dir", str(data), "--ray-address", cluster.ray_address, *extra,
             conf=tok, env=env, timeout_s=900,
         )
         assert proc.returncode == 0, f"{script}:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
@@ -190,7 +190,7 @@ def test_jobs_run_unchanged_on_the_cluster(cluster, spark, tmp_path):
         rows = spark.read.format("delta").load(str(data / "tables" / "mnist_predictions")).collect()
         return sorted((r.id, r.predicted) for r in rows)
 
-    submit("jobs/train_mnist.py")
+    submit("jobs/train_mnist.py", "--epochs", "1")  # the demo trains 8; one shows the path
     local = subprocess.run(
         [sys.executable, "jobs/batch_predict.py", "--data-dir", str(data)], cwd=ROOT,
         env={k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYSPARK_GATEWAY"))},
