@@ -310,7 +310,9 @@ def actor_processes(class_name: str) -> set[int]:
     for proc in psutil.Process().children(recursive=True):
         try:
             name = proc.name()
-            if name in (f"ray::{class_name}",) or name.startswith(f"ray::{class_name}."):
+            # named actors' processes read "ray::<actor name>:<Class>[.<method>]"
+            bare = name.split(":", 3)[-1] if name.startswith("ray::") else name
+            if name.startswith("ray::") and (bare == class_name or bare.startswith(f"{class_name}.")):
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     pids.add(proc.pid)
         except psutil.NoSuchProcess:

@@ -526,7 +526,7 @@ def test_init_timeout_leaves_nothing(spark, linear_table):
             num_actors=1, init_timeout_s=3, conf={"sleep_s": 120},
         )
     assert time.monotonic() - start < 60
-    assert "fault_slow_init: the 1 actors did not load" in str(info.value)
+    assert "fault_slow_init: 1 of the 1 actors did not load" in str(info.value)
     assert "init_timeout_s=3s" in str(info.value) and "raise init_timeout_s" in str(info.value)
     helpers.wait_for(
         lambda: helpers.actor_processes("ModelWorker") <= workers_before, 30, "actors to die"
