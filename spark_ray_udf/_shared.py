@@ -53,7 +53,12 @@ def folder_key(table: str, version: int, manifest: Manifest) -> str:
     return h.hexdigest()[:32]
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """True while a process ``pid`` exists on this machine.
+
+    >>> pid_running(os.getpid())
+    True
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -103,7 +108,7 @@ def _live_holders(key_dir: Path) -> list[int]:
     if not holders.is_dir():
         return alive
     for h in holders.iterdir():
-        if h.name.isdigit() and _pid_running(int(h.name)):
+        if h.name.isdigit() and pid_running(int(h.name)):
             alive.append(int(h.name))
         else:
             h.unlink(missing_ok=True)

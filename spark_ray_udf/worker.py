@@ -413,16 +413,6 @@ def node_work_root(pool_folder: str) -> Path:
     return Path(tempfile.gettempdir()) / "spark-ray-udf" / pool_folder
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists
-        return True
-    return True
-
-
 def remove_stale_folders(root: Path, *, min_age_s: float = 60.0) -> list[Path]:
     """Remove the model folders under ``root`` whose actor process is gone; return them.
 
@@ -442,7 +432,7 @@ def remove_stale_folders(root: Path, *, min_age_s: float = 60.0) -> list[Path]:
         return removed
     for folder in root.glob("*/actor*-pid*-*"):
         match = _STALE_NAME.match(folder.name)
-        if match and not _pid_running(int(match.group(1))):
+        if match and not _shared.pid_running(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     for pool_root in root.iterdir():
