@@ -10,6 +10,13 @@ an actor of an older generation changes nothing.
 The choosing rule (:func:`choose_actor`) is least-loaded first, then an actor on the caller's own
 node (no cross-node copy of the batch), then rotation from ``start`` so that Spark Python workers
 (each starting at a different offset) spread over the pool.
+
+"Load" is the pool's, not only this caller's: each actor reports how many calls it holds
+(running or waiting their turn, from every caller), the caller reports it here with
+:meth:`Router.report`, and :func:`pool_load` combines that (stale) figure with the caller's own
+exact count. The Spark loop probes every actor a few times a second (all of them: pools are
+small, so the full view costs what Ray Serve's power-of-two-choices sample does and misses
+nothing).
 """
 
 from __future__ import annotations
@@ -18,6 +25,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from spark_ray_udf.errors import ConfigError
+
+
+def pool_load(own: int, reported: int, own_at_report: int) -> int:
+    """An actor's load as a caller sees it: its own calls in flight now, plus the calls of other
+    callers that the actor last reported (``reported`` minus this caller's calls at the time).
+
+    >>> pool_load(1, 0, 0)        # nothing reported yet: own calls only
+    1
+    >>> pool_load(1, 5, 2)        # 3 calls of others were there at the report
+    4
+    >>> pool_load(0, 1, 2)        # ours had not arrived yet: never below our own count
+    0
+    """
+    return own + max(0, reported - own_at_report)
 
 
 def choose_actor(
@@ -67,7 +88,9 @@ class Slot:
 
     key: str  # the actor's id
     node: str = ""
-    in_flight: int = 0
+    in_flight: int = 0  # this caller's calls out to it
+    reported: int = 0  # calls the actor said it held (every caller's), at the last report
+    own_at_report: int = 0  # this caller's in_flight when that report was asked for
     usable: bool = True
     sent: int = 0  # batches sent to it by this caller
     remote: int = 0  # of which to an actor on another node
@@ -88,6 +111,13 @@ class Router:
     1
     >>> r.pick(), r.crossed_nodes()
     (1, 1)
+
+    Other callers' load, as the actors reported it, counts too:
+
+    >>> r = Router(); r.update(1, ["a", "b"])
+    True
+    >>> r.report(0, 1, reported=3, own_at_report=0); r.pick(), r.pick(), r.pick()
+    (1, 1, 1)
     """
 
     node: str = ""  # the caller's node, for locality
@@ -108,11 +138,23 @@ class Router:
         """Drop the known generation, so the next :meth:`update` adopts whatever is published."""
         self.number = -1
 
+    def load(self, i: int) -> int:
+        """Slot ``i``'s load: this caller's calls plus other callers' last reported ones."""
+        s = self.slots[i]
+        return pool_load(s.in_flight, s.reported, s.own_at_report)
+
+    def report(self, i: int, number: int, reported: int, own_at_report: int) -> None:
+        """Slot ``i``'s actor said it holds ``reported`` calls, when this caller had
+        ``own_at_report`` out to it. Reports about an older generation change nothing."""
+        if number == self.number and 0 <= i < len(self.slots):
+            self.slots[i].reported = max(0, reported)
+            self.slots[i].own_at_report = max(0, own_at_report)
+
     def pick(self) -> int | None:
         """The slot for the next batch (counted as in flight), or None when none is usable."""
         local = [bool(self.node) and s.node == self.node for s in self.slots]
         i = choose_actor(
-            [s.in_flight for s in self.slots],
+            [self.load(i) for i in range(len(self.slots))],
             [s.usable for s in self.slots],
             local=local if any(local) else None,
             start=self.start,
@@ -143,8 +185,8 @@ class Router:
         self.slots[i].usable = True
 
     def idle(self) -> int:
-        """Usable slots with nothing in flight from this caller."""
-        return sum(s.usable and s.in_flight == 0 for s in self.slots)
+        """Usable slots with no load (nothing from this caller, nothing others reported)."""
+        return sum(s.usable and self.load(i) == 0 for i, s in enumerate(self.slots))
 
     def unusable(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if not s.usable]

@@ -6,8 +6,10 @@ into its own temporary folder, read straight from the Delta version's Parquet fi
 driver put in the object store; it calls ``init_func`` once and serves ``predict`` calls on Arrow
 batches. An error in ``init_func`` is kept and raised by ``ready()`` with the actor's traceback.
 
-Control calls (``stats``, ``ping``) run in their own concurrency group, so they never queue
-behind ``predict`` calls (which run one at a time, in order). The actor counts what it serves
+Control calls (``stats``, ``load``, ``pid``) run in their own concurrency group, so they never
+queue behind ``predict`` calls. ``predict`` calls run in a group of ``WORK_THREADS`` threads and
+take turns in arrival order (one batch computes at a time, as before): the actor itself then
+holds its queue, and ``load()`` tells every caller how long it is. The actor counts what it serves
 (rows, batches, errors, busy time, latency by door) and exports the same counters as Ray
 metrics (``ray.util.metrics``, on Ray's metrics endpoint).
 
@@ -51,7 +53,10 @@ from spark_ray_udf.store import Manifest, materialize, rows_from_files, write_mo
 
 log = logging.getLogger(__name__)
 
-CONTROL_GROUP = "control"  # stats and pings: never behind predict calls
+CONTROL_GROUP = "control"  # stats, loads and pings: never behind predict calls
+WORK_GROUP = "work"  # predict calls: accepted at once, computed one at a time in arrival order
+WORK_THREADS = 16  # calls an actor accepts at once (and can count for load()); more wait in Ray
+STOP_DRAIN_S = 120.0  # how long stop() waits for the calls it accepted to finish
 DOORS = ("sql", "http")
 _LATENCY_WINDOW = 2048  # batch latencies kept per actor for the percentiles
 
@@ -132,6 +137,42 @@ class _Counters:
             }
 
 
+class _Turns:
+    """One batch computes at a time, in the order the calls arrived (``threading.Lock`` hands
+    itself to any waiter, so a batch could wait behind later ones).
+
+    >>> t = _Turns()
+    >>> with t.turn(): t.waiting()
+    1
+    >>> t.waiting()
+    0
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    def waiting(self) -> int:
+        """Calls holding a ticket: computing or waiting their turn."""
+        with self._cond:
+            return self._next - self._serving
+
+    @contextlib.contextmanager
+    def turn(self) -> Any:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
+
+
 class _Metrics:
     """The counters as Ray metrics (Prometheus names ``ray_spark_ray_udf_*``)."""
 
@@ -170,6 +211,7 @@ class ModelWorker:
         self._model: Any = None
         self._error: SparkRayUdfError | None = None
         self._counters = _Counters()
+        self._turns = _Turns()
         self._started = time.time()
         self._node = str(ray.get_runtime_context().get_node_id() or "")
         self._load_seconds = 0.0
@@ -254,6 +296,7 @@ class ModelWorker:
             actor_id=str(ctx.get_actor_id() or ""),
         )
 
+    @ray.method(concurrency_group=WORK_GROUP)
     def predict(
         self,
         columns: list[pa.Array],
@@ -278,10 +321,12 @@ class ModelWorker:
             c.in_flight += 1
             if caller_node and caller_node != self._node:
                 c.crossed += 1
-        start = time.perf_counter()
         failed = True
+        start = time.perf_counter()
         try:
-            out = self._predict(columns, row_offset, partition, n_rows)
+            with self._turns.turn():
+                start = time.perf_counter()  # busy time and latency: the compute, not the wait
+                out = self._predict(columns, row_offset, partition, n_rows)
             failed = False
             return out
         except (InputError, ModelApplyError) as exc:
@@ -343,6 +388,12 @@ class ModelWorker:
         return os.getpid()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
+    def load(self) -> int:
+        """Calls this actor holds now (computing or waiting their turn), from every caller."""
+        with self._counters.lock:
+            return self._counters.in_flight
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def stats(self) -> dict[str, Any]:
         """This actor's counters (rows, batches and errors by door, busy time, latency
         percentiles, in flight), its version, pid and uptime; answers while predict runs."""
@@ -356,7 +407,12 @@ class ModelWorker:
         }
 
     def stop(self) -> None:
-        """Remove the model folder and exit once the calls queued before this one are done."""
+        """Remove the model folder and exit once the calls it accepted are done (at most
+        ``STOP_DRAIN_S``); calls still queued in Ray then fail with ``RayActorError`` and their
+        callers send them to the pool's new actors."""
+        deadline = time.monotonic() + STOP_DRAIN_S
+        while self.load() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._cleanup()
         ray.actor.exit_actor()
 
@@ -393,7 +449,7 @@ def _in_partition(exc: SparkRayUdfError, partition: int | None) -> SparkRayUdfEr
 
 def remote_worker_class() -> Any:
     """:class:`ModelWorker` as a Ray actor class, its control calls in their own group."""
-    return ray.remote(concurrency_groups={CONTROL_GROUP: 2})(ModelWorker)
+    return ray.remote(concurrency_groups={CONTROL_GROUP: 2, WORK_GROUP: WORK_THREADS})(ModelWorker)
 
 
 _STALE_NAME = re.compile(r"^actor\d+-pid(\d+)-")

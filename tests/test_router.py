@@ -113,3 +113,31 @@ def test_router_counts_batches_that_crossed_nodes() -> None:
 def test_retries_left(attempts: int, max_retries: int, ok: bool) -> None:
     """A batch is sent again while it failed at most max_retries times."""
     assert retries_left(attempts, max_retries) is ok
+
+
+def test_pool_load_adds_other_callers_reported_calls() -> None:
+    """Reported calls minus this caller's at the time of the report, plus its own now."""
+    from spark_ray_udf.router import pool_load
+
+    assert pool_load(0, 0, 0) == 0
+    assert pool_load(2, 3, 1) == 4
+    assert pool_load(1, 0, 3) == 1  # a report from before our calls arrived never lowers it
+
+
+def test_reported_load_steers_picks_and_idle() -> None:
+    """An actor busy with other callers' batches is neither idle nor picked first."""
+    r = Router()
+    r.update(1, ["a", "b"])
+    assert r.idle() == 2
+    r.report(0, 1, reported=2, own_at_report=0)
+    assert r.idle() == 1 and r.pick() == 1
+    r.report(1, 0, reported=9, own_at_report=0)  # an older generation's report: ignored
+    assert r.load(1) == 1
+
+
+def test_a_new_generation_starts_without_reports() -> None:
+    r = Router()
+    r.update(1, ["a", "b"])
+    r.report(0, 1, reported=5, own_at_report=0)
+    r.update(2, ["c", "d"])
+    assert [r.load(i) for i in range(2)] == [0, 0]
