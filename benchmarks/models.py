@@ -189,6 +189,17 @@ def init_embedding(model_dir: str, conf: Mapping[str, Any] | None = None) -> Emb
     )
 
 
+def init_embedding_mmap(model_dir: str, conf: Mapping[str, Any] | None = None) -> EmbeddingModel:
+    """Memory-map the table instead (``np.load(mmap_mode="r")``): actors of one machine that
+    share the model's folder (``share_model_files=True``, the default) then share one copy of
+    its pages in the page cache."""
+    root = Path(model_dir)
+    return EmbeddingModel(
+        table=np.load(root / "table.npy", mmap_mode="r", allow_pickle=False),
+        proj=np.load(root / "proj.npy", allow_pickle=False),
+    )
+
+
 def apply_embedding(model: EmbeddingModel, ids: np.ndarray) -> np.ndarray:
     """``apply_func`` for spark-ray-udf: one float64 score per row."""
     return model.scores(ids)
