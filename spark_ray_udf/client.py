@@ -409,12 +409,15 @@ class PoolClient:
                         self._router.done(p.actor, p.generation)
 
 
-_CLIENTS: OrderedDict[PoolAddress, PoolClient] = OrderedDict()
+_CLIENTS: OrderedDict[PoolAddress, Any] = OrderedDict()  # PoolClient or FlightPoolClient
 _CLIENTS_LOCK = threading.Lock()
 
 
-def get_client(address: PoolAddress) -> PoolClient:
-    """The process's client for ``address``, created (and connected) on first use.
+def get_client(address: PoolAddress) -> Any:
+    """The process's client for ``address``, created (and connected) on first use: a
+    :class:`PoolClient` (this process joins Ray), or for ``address.transport == "flight"`` a
+    :class:`~spark_ray_udf._flight.FlightPoolClient` (Arrow Flight to the actors; Ray is never
+    imported).
 
     The cache keeps the ``MAX_CLIENTS`` most recently used clients; a client whose pool turned
     out to be closed is dropped by :func:`predict_batches`.
@@ -422,7 +425,12 @@ def get_client(address: PoolAddress) -> PoolClient:
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(address)
         if client is None:
-            client = PoolClient(address)
+            if address.transport == "flight":
+                from spark_ray_udf._flight import FlightPoolClient
+
+                client = FlightPoolClient(address)
+            else:
+                client = PoolClient(address)
             _CLIENTS[address] = client
             while len(_CLIENTS) > MAX_CLIENTS:
                 _CLIENTS.popitem(last=False)

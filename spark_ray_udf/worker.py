@@ -85,6 +85,7 @@ class WorkerSpec:
     with_version: bool = False
     files: tuple[str, ...] = ()  # read the model from these Parquet files; else chunk refs
     share_files: bool = True  # one folder per machine for these bytes (see spark_ray_udf._shared)
+    flight_token: str = ""  # set: also serve batches over Arrow Flight (spark_ray_udf._flight)
 
     @property
     def where(self) -> str:
@@ -168,6 +169,7 @@ class ModelWorker:
         self._spec = spec
         self._index = index
         self._model: Any = None
+        self._flight: Any = None  # the Arrow Flight server (spec.flight_token set)
         self._error: SparkRayUdfError | None = None
         self._counters = _Counters()
         self._started = time.time()
@@ -214,6 +216,25 @@ class ModelWorker:
                 f"files. The actor's traceback:\n{traceback.format_exc()}"
             )
         self._load_seconds = time.monotonic() - start
+        if spec.flight_token and self._error is None:
+            self._start_flight()
+
+    def _start_flight(self) -> None:
+        """Serve ``predict`` over Arrow Flight too, on this node's IP, a port the OS picks."""
+        from spark_ray_udf._flight import PoolFlightServer
+
+        spec = self._spec
+        try:
+            self._flight = PoolFlightServer(
+                ray.util.get_node_ip_address(), spec.flight_token, who=f"{spec.function} actor {self._index}",
+                predict=lambda columns, offset, partition: self.predict(columns, offset, partition, "sql"),
+            )
+        except Exception:  # a port or bind failure: the pool's start reports it
+            self._error = ModelInitError(
+                f"{spec.function}: actor {self._index} (pid {os.getpid()}) could not start its "
+                f"Arrow Flight server on {ray.util.get_node_ip_address()}; check that the node "
+                f"can bind a TCP port there. The actor's traceback:\n{traceback.format_exc()}"
+            )
 
     def _fetch(self, chunks: dict[tuple[str, int], Any], dest: str) -> None:
         spec = self._spec
@@ -252,6 +273,7 @@ class ModelWorker:
             node_id=str(ctx.get_node_id()),
             name=str(ctx.get_actor_name() or ""),
             actor_id=str(ctx.get_actor_id() or ""),
+            flight_uri=self._flight.uri if self._flight is not None else "",
         )
 
     def predict(
@@ -356,7 +378,11 @@ class ModelWorker:
         }
 
     def stop(self) -> None:
-        """Remove the model folder and exit once the calls queued before this one are done."""
+        """Remove the model folder and exit once the calls queued before this one are done (the
+        Flight server, if any, first finishes the calls it holds and then refuses new ones)."""
+        if self._flight is not None:
+            self._flight.shutdown()
+            self._flight = None
         self._cleanup()
         ray.actor.exit_actor()
 
