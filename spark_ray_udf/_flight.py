@@ -53,6 +53,7 @@ from spark_ray_udf import errors
 from spark_ray_udf._contract import Entry, PoolAddress, decode_entry, flight_token
 from spark_ray_udf.errors import (
     CallTimeoutError,
+    ConfigError,
     FlightAuthError,
     InputError,
     ModelApplyError,
@@ -71,6 +72,8 @@ PING_ACTION = "ping"
 PING_TIMEOUT_S = 2.0  # a ping of an actor that failed waits this long
 ENTRY_TIMEOUT_S = 30.0  # a read of the directory entry waits this long (at most call_timeout_s)
 
+PORTS_ENV = "SPARK_RAY_UDF_FLIGHT_PORTS"  # on the Ray nodes: "lo-hi" to keep actors' ports there
+
 __all__ = ["FlightPoolClient", "PoolFlightServer", "error_from_info", "error_info"]
 
 
@@ -81,6 +84,43 @@ def error_info(exc: BaseException) -> bytes:
     b'{"message": "f: row 3 is null", "type": "InputError"}'
     """
     return json.dumps({"type": type(exc).__name__, "message": str(exc)}, sort_keys=True).encode()
+
+
+def port_range(text: str | None) -> range:
+    """The ports an actor's Flight server may bind, from ``SPARK_RAY_UDF_FLIGHT_PORTS``
+    (``"lo-hi"``, both included, or one port); ``range(0, 1)`` (the OS picks) when unset.
+
+    >>> port_range("20000-20003"), port_range(None), port_range("7000")
+    (range(20000, 20004), range(0, 1), range(7000, 7001))
+    >>> port_range("9-3")
+    Traceback (most recent call last):
+    ...
+    spark_ray_udf.errors.ConfigError: SPARK_RAY_UDF_FLIGHT_PORTS must be 'lo-hi' with 1 <= lo <= hi <= 65535 (got '9-3')
+    """
+    if not text or not text.strip():
+        return range(0, 1)
+    lo, _, hi = text.strip().partition("-")
+    try:
+        first, last = int(lo), int(hi or lo)
+    except ValueError:
+        first, last = 0, -1
+    if not 1 <= first <= last <= 65535:
+        raise ConfigError(f"{PORTS_ENV} must be 'lo-hi' with 1 <= lo <= hi <= 65535 (got {text!r})")
+    return range(first, last + 1)
+
+
+def start_server(host: str, token: str, *, who: str, predict: Predict, ports: range) -> PoolFlightServer:
+    """An actor's server on the first free port of ``ports`` (see :func:`port_range`)."""
+    last: Exception | None = None
+    for port in ports:
+        try:
+            return PoolFlightServer(host, token, who=who, predict=predict, port=port)
+        except (OSError, pa.ArrowException) as exc:  # taken: try the next one
+            last = exc
+    raise ConfigError(
+        f"{who}: no port of {ports.start}-{ports.stop - 1} ({PORTS_ENV}) is free on {host} for "
+        f"its Flight server ({last}); widen the range or stop what holds it"
+    ) from last
 
 
 def flight_message(exc: BaseException) -> str:
@@ -158,8 +198,9 @@ class PoolFlightServer(fl.FlightServerBase):  # type: ignore[misc]
         who: str,
         predict: Predict | None = None,
         entry: Callable[[], bytes | None] | None = None,
+        port: int = 0,
     ) -> None:
-        super().__init__(f"grpc://{host}:0", middleware={"token": _TokenCheck(token, who)})
+        super().__init__(f"grpc://{host}:{port}", middleware={"token": _TokenCheck(token, who)})
         self._who = who
         self._predict = predict
         self._entry = entry

@@ -1,4 +1,5 @@
-"""The model actor: one loaded copy of the model, serving Arrow batches.
+"""The model actor: one loaded copy of the model, serving Arrow batches (over Ray calls, and over
+Arrow Flight for pools registered with ``executor_transport="flight"``, see :mod:`spark_ray_udf._flight`).
 
 :class:`ModelWorker` (run as a Ray actor, see :func:`remote_worker_class`) writes the model files
 into its own temporary folder, read straight from the Delta version's Parquet files
@@ -221,13 +222,14 @@ class ModelWorker:
 
     def _start_flight(self) -> None:
         """Serve ``predict`` over Arrow Flight too, on this node's IP, a port the OS picks."""
-        from spark_ray_udf._flight import PoolFlightServer
+        from spark_ray_udf._flight import PORTS_ENV, port_range, start_server
 
         spec = self._spec
         try:
-            self._flight = PoolFlightServer(
+            self._flight = start_server(
                 ray.util.get_node_ip_address(), spec.flight_token, who=f"{spec.function} actor {self._index}",
                 predict=lambda columns, offset, partition: self.predict(columns, offset, partition, "sql"),
+                ports=port_range(os.environ.get(PORTS_ENV)),
             )
         except Exception:  # a port or bind failure: the pool's start reports it
             self._error = ModelInitError(

@@ -252,3 +252,20 @@ def test_close_stops_the_flight_servers(spark, versions, no_ray_executors):
             client.close()
     with pytest.raises(Exception):
         spark.sql(f"select fl_close({features_sql()}) from range(3)").collect()
+
+
+def test_port_range_skips_a_taken_port():
+    """With SPARK_RAY_UDF_FLIGHT_PORTS an actor's server binds the first free port of the range."""
+    from spark_ray_udf._flight import start_server
+
+    def predict(columns: list[pa.Array], offset: int, partition: int | None) -> pa.Array:
+        return columns[0]
+
+    first = PoolFlightServer("127.0.0.1", "tok", who="a", predict=predict)
+    ports = range(first.port, min(first.port + 50, 65536))
+    second = start_server("127.0.0.1", "tok", who="b", predict=predict, ports=ports)
+    try:
+        assert second.port in ports and second.port != first.port
+    finally:
+        second.shutdown()
+        first.shutdown()
