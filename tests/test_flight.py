@@ -269,3 +269,46 @@ def test_port_range_skips_a_taken_port():
     finally:
         second.shutdown()
         first.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: Any) -> Iterator[Any]:
+    """A LocalCluster of its own (Spark standalone + 2-node Ray, token auth on)."""
+    import sys
+
+    from spark_ray_udf.testing import LocalCluster
+
+    if sys.platform != "linux":
+        pytest.skip("LocalCluster needs Linux network namespaces")
+    c = LocalCluster(tmp_path_factory.mktemp("flight-cluster"))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.mark.cluster
+def test_cluster_executors_without_ray_serve_over_flight(cluster, tmp_path):
+    """spark-submit on the standalone cluster, executors with neither Ray's token nor an
+    importable Ray: exact predictions over 4 partitions through the actors' Flight servers on
+    the two Ray nodes."""
+    shadow = tmp_path / "shadow"
+    (shadow / "ray").mkdir(parents=True)
+    (shadow / "ray" / "__init__.py").write_text(f"raise ImportError({SHADOW_MESSAGE!r})\n")
+    out_path = tmp_path / "out.json"
+    proc = cluster.spark_submit(
+        "tests/flight_cluster_app.py", "--ray-address", cluster.ray_address,
+        "--data-dir", str(tmp_path / "data"), "--out", str(out_path),
+        # standalone executors take this as their whole PYTHONPATH: the checkout goes after it
+        conf={
+            "spark.executorEnv.PYTHONPATH": f"{shadow}:{Path(__file__).resolve().parents[1]}",
+            "spark.task.maxFailures": "1",
+        },
+        env={"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}, timeout_s=600,
+    )
+    assert out_path.exists(), f"rc {proc.returncode}:\n{proc.stderr[-6000:]}"
+    out = json.loads(out_path.read_text())
+    assert "error" not in out, out.get("traceback")
+    assert out["executors_import_ray"] == [SHADOW_MESSAGE]
+    assert out["exact"] and out["rows"] == 20000 and out["rows_sql"] == 20000
+    assert len(set(out["actor_nodes"])) == 2
+    assert all(u.startswith("grpc://127.0.0.1:") for u in out["flight_uris"])
