@@ -21,6 +21,10 @@ task it streams the task's Arrow batches to the actors:
 Rows are numbered within the task's partition: an error names ``partition P`` (Spark's
 ``spark_partition_id()``) and the row's offset in it.
 
+Pools registered with ``executor_transport="flight"`` (executors that are not Ray nodes) get a
+:class:`~spark_ray_udf._flight.FlightPoolClient` from :func:`get_client` instead: the same loop
+over Arrow Flight, and Ray is never imported.
+
 This is the one piece of per-process state in the library: a bounded cache of clients,
 :func:`clear_clients` empties it.
 """

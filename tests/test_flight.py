@@ -80,9 +80,9 @@ def _scores(model: LinearModel, ids: Any) -> list[float]:
     return model.scores(features_np(ids)).max(axis=1).tolist()
 
 
-def _query(spark: Any, start: int, n: int, parts: int = 3) -> list[Any]:
+def _query(spark: Any, start: int, n: int, parts: int = 3, name: str = "fl_predict") -> list[Any]:
     return sorted(spark.sql(
-        f"select id, fl_predict({features_sql()}) as s from range({start}, {start + n}, 1, {parts})"
+        f"select id, {name}({features_sql()}) as s from range({start}, {start + n}, 1, {parts})"
     ).collect())
 
 
@@ -270,6 +270,25 @@ def test_port_range_skips_a_taken_port():
         second.shutdown()
         first.shutdown()
 
+
+def test_restarted_actor_is_found_on_its_new_port(spark, versions, no_ray_executors):
+    """An actor killed outright is restarted by Ray on a new Flight port; the pool's watcher
+    republishes the entry and the next query is exact again."""
+    import os
+    import signal
+
+    with register_ray_model(
+        spark, versions.table, "fl_restart", init_linear, helpers.apply_top_score,
+        version=versions.v1, num_actors=1, executor_transport="flight",
+    ) as model:
+        assert [r.s for r in _query(spark, 0, 200, 2, "fl_restart")] == _scores(versions.m1, np.arange(200))
+        old_uri, generation = model.actors[0].flight_uri, model.stats()["generation"]
+        os.kill(model.actor_pids()[0], signal.SIGKILL)
+        helpers.wait_for(
+            lambda: model.stats()["generation"] > generation, 60, "the entry republished"
+        )
+        assert model.actors[0].flight_uri != old_uri
+        assert [r.s for r in _query(spark, 0, 200, 2, "fl_restart")] == _scores(versions.m1, np.arange(200))
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: Any) -> Iterator[Any]:
