@@ -290,6 +290,117 @@ def test_restarted_actor_is_found_on_its_new_port(spark, versions, no_ray_execut
         assert model.actors[0].flight_uri != old_uri
         assert [r.s for r in _query(spark, 0, 200, 2, "fl_restart")] == _scores(versions.m1, np.arange(200))
 
+
+# --- the executor-side client against real Flight servers, without Spark or Ray -----------------
+
+SECRET = "test-secret"
+
+
+def _echo(columns: list[pa.Array], offset: int, partition: int | None) -> pa.Array:
+    return columns[0]
+
+
+class _FakePool:
+    """Actor servers that echo their input and a driver endpoint serving a signed entry."""
+
+    def __init__(self, n: int) -> None:
+        self.number = 0
+        self.blob = b""
+        self.actors: list[PoolFlightServer] = []
+        self.driver = PoolFlightServer("127.0.0.1", flight_token(SECRET), who="driver", entry=lambda: self.blob)
+        self.publish(n)
+
+    def publish(self, n: int) -> list[PoolFlightServer]:
+        fresh = [PoolFlightServer("127.0.0.1", flight_token(SECRET), who=f"a{i}", predict=_echo) for i in range(n)]
+        self.number += 1
+        refs = tuple(ActorRef(f"a{i}", f"id{self.number}-{i}", "", s.uri) for i, s in enumerate(fresh))
+        self.blob = encode_entry(Entry(self.number, self.number, refs), SECRET)
+        self.actors += fresh
+        return fresh
+
+    def address(self, **kw: Any) -> Any:
+        from spark_ray_udf._contract import PoolAddress
+
+        opts = {"max_in_flight": 2, "call_timeout_s": 10.0, "max_retries": 2, **kw}
+        return PoolAddress(
+            function="f", ray_address="-", namespace="ns", token="t", auth_mode="",
+            secret=SECRET, min_split_rows=None, transport="flight",
+            directory_uri=self.driver.uri, **opts,
+        )
+
+    def close(self) -> None:
+        for s in [*self.actors, self.driver]:
+            s.shutdown()
+
+
+def _batches(n: int, size: int = 10) -> list[pa.Array]:
+    return [pa.array(range(k * size, (k + 1) * size), type=pa.int64()) for k in range(n)]
+
+
+def test_client_moves_off_a_dead_actor():
+    """A batch sent to an actor whose server is gone goes to the live one; results stay in order."""
+    from spark_ray_udf._flight import FlightPoolClient
+
+    pool = _FakePool(2)
+    try:
+        pool.actors[1].shutdown()
+        client = FlightPoolClient(pool.address())
+        out = list(client.map_batches(_batches(8)))
+        assert pa.concat_arrays(out).to_pylist() == list(range(80))
+        assert client.router.unusable() == [1]
+    finally:
+        pool.close()
+
+
+def test_client_gives_up_after_max_retries():
+    """With every actor gone, a batch fails with RetriesExhaustedError after max_retries."""
+    from spark_ray_udf._flight import FlightPoolClient
+    from spark_ray_udf.errors import RetriesExhaustedError
+
+    pool = _FakePool(2)
+    try:
+        for s in pool.actors:
+            s.shutdown()
+        with pytest.raises(RetriesExhaustedError, match="rows 0..9"):
+            list(FlightPoolClient(pool.address(max_retries=2)).map_batches(_batches(2)))
+    finally:
+        pool.close()
+
+
+def test_client_follows_a_new_generation_mid_stream():
+    """The entry changes and the old actors stop mid-task: the task's later batches go to the
+    new actors, none fails, and none counts as a retry (max_retries=0)."""
+    from spark_ray_udf._flight import FlightPoolClient
+
+    pool = _FakePool(2)
+    try:
+        client = FlightPoolClient(pool.address(max_retries=0))
+        results = client.map_batches(_batches(10))
+        got = [next(results), next(results)]
+        old = list(pool.actors)
+        pool.publish(2)
+        for s in old:
+            s.shutdown()
+        got += list(results)
+        assert pa.concat_arrays(got).to_pylist() == list(range(100))
+        assert client.version == 2
+    finally:
+        pool.close()
+
+
+def test_client_refuses_an_entry_signed_by_someone_else():
+    """A driver endpoint answering an entry not signed with the pool's secret is refused."""
+    from spark_ray_udf._flight import FlightPoolClient
+    from spark_ray_udf.errors import PoolIntegrityError
+
+    pool = _FakePool(1)
+    try:
+        pool.blob = encode_entry(Entry(9, 9, (ActorRef("x", "y", "", "grpc://127.0.0.1:1"),)), "forger")
+        with pytest.raises(PoolIntegrityError, match="not signed"):
+            list(FlightPoolClient(pool.address()).map_batches(_batches(1)))
+    finally:
+        pool.close()
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: Any) -> Iterator[Any]:
     """A LocalCluster of its own (Spark standalone + 2-node Ray, token auth on)."""
