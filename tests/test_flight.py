@@ -291,6 +291,46 @@ def test_restarted_actor_is_found_on_its_new_port(spark, versions, no_ray_execut
         assert [r.s for r in _query(spark, 0, 200, 2, "fl_restart")] == _scores(versions.m1, np.arange(200))
 
 
+def test_stream_runs_through_reload(spark, versions, no_ray_executors, tmp_path):
+    """A Structured Streaming query over a flight pool keeps running through reload(): no
+    failed batch, rows answered by v1 then by v2, each exactly that version's math."""
+    with register_ray_model(
+        spark, versions.table, "fl_stream", init_linear, helpers.apply_top_score,
+        version=versions.v1, num_actors=1, with_version=True, executor_transport="flight",
+    ) as model:
+        stream = (
+            spark.readStream.format("rate").option("rowsPerSecond", 200).load()
+            .selectExpr("value as id").selectExpr("id", f"{features_sql()} as features")
+        )
+        stream.createOrReplaceTempView("fl_stream_in")
+        query = (
+            spark.sql("select id, fl_stream(features) as p from fl_stream_in")
+            .writeStream.format("memory").queryName("fl_stream_out")
+            .option("checkpointLocation", str(tmp_path / "ckpt"))
+            .trigger(processingTime="300 milliseconds").start()
+        )
+
+        def count(version: int) -> int:
+            return spark.sql(
+                f"select count(*) from fl_stream_out where p.model_version = {version}"
+            ).head()[0]
+
+        try:
+            helpers.wait_for(lambda: count(versions.v1) >= 50 or query.exception() is not None,
+                             120, "the stream's first rows")
+            model.reload(versions.v2)
+            helpers.wait_for(lambda: count(versions.v2) >= 50 or query.exception() is not None,
+                             120, "rows answered by v2")
+        finally:
+            query.stop()
+        assert query.exception() is None
+        rows = spark.sql("select id, p.prediction as s, p.model_version as v from fl_stream_out").collect()
+        for version, linear in ((versions.v1, versions.m1), (versions.v2, versions.m2)):
+            mine = sorted((r.id, r.s) for r in rows if r.v == version)
+            assert mine, version
+            assert [s for _, s in mine] == _scores(linear, np.array([i for i, _ in mine]))
+
+
 # --- the executor-side client against real Flight servers, without Spark or Ray -----------------
 
 SECRET = "test-secret"
