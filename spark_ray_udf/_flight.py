@@ -301,6 +301,14 @@ class FlightPoolClient:
                 self._clients[uri] = client
             return client
 
+    def close(self) -> None:
+        """Close the connections and the call threads (the cache calls it on dropping this)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
     def _forget_client(self, uri: str) -> None:
         with self._lock:
             client = self._clients.pop(uri, None)

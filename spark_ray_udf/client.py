@@ -437,16 +437,24 @@ def get_client(address: PoolAddress) -> Any:
                 client = PoolClient(address)
             _CLIENTS[address] = client
             while len(_CLIENTS) > MAX_CLIENTS:
-                _CLIENTS.popitem(last=False)
+                _close(_CLIENTS.popitem(last=False)[1])
         else:
             _CLIENTS.move_to_end(address)
         return client
 
 
+def _close(client: Any) -> None:
+    """Close a dropped client that holds its own connections (a Flight client; a Ray one
+    shares the process's Ray connection, which stays)."""
+    close = getattr(client, "close", None)
+    if close is not None:
+        close()
+
+
 def drop_client(address: PoolAddress) -> None:
     """Forget the cached client of ``address`` (its pool is closed)."""
     with _CLIENTS_LOCK:
-        _CLIENTS.pop(address, None)
+        _close(_CLIENTS.pop(address, None))
 
 
 def clear_clients() -> None:

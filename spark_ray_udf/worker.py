@@ -171,6 +171,7 @@ class ModelWorker:
         self._index = index
         self._model: Any = None
         self._flight: Any = None  # the Arrow Flight server (spec.flight_token set)
+        self._serial = threading.Lock()  # one batch at a time, whichever door it came through
         self._error: SparkRayUdfError | None = None
         self._counters = _Counters()
         self._started = time.time()
@@ -305,7 +306,9 @@ class ModelWorker:
         start = time.perf_counter()
         failed = True
         try:
-            out = self._predict(columns, row_offset, partition, n_rows)
+            with self._serial:  # Ray calls and Flight calls take turns, never run at once
+                start = time.perf_counter()
+                out = self._predict(columns, row_offset, partition, n_rows)
             failed = False
             return out
         except (InputError, ModelApplyError) as exc:
