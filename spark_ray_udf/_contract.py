@@ -36,6 +36,8 @@ class PoolAddress(NamedTuple):
     max_retries: int
     secret: str = ""  # signs the directory entry; only the registrant and its tasks know it
     min_split_rows: int | None = None  # cut a batch for idle actors when pieces keep this many
+    transport: str = "ray"  # how executors reach the actors: "ray" (as Ray drivers) or "flight"
+    directory_uri: str = ""  # flight: the registering driver's endpoint answering the entry
 
 
 class WorkerInfo(NamedTuple):
@@ -50,6 +52,7 @@ class WorkerInfo(NamedTuple):
     node_id: str = ""
     name: str = ""
     actor_id: str = ""
+    flight_uri: str = ""  # grpc://ip:port of the actor's Flight server ("" without one)
 
 
 class Generation(NamedTuple):
@@ -66,6 +69,7 @@ class ActorRef(NamedTuple):
     name: str
     actor_id: str
     node_id: str = ""
+    flight_uri: str = ""  # where executors without Ray call it (executor_transport="flight")
 
 
 class Entry(NamedTuple):
@@ -83,6 +87,17 @@ def sign(secret: str, payload: bytes) -> str:
     64
     """
     return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
+
+
+def flight_token(secret: str) -> str:
+    """The token Arrow Flight calls to a pool carry (``executor_transport="flight"``), derived
+    from the pool's secret: the actors and the driver's endpoint check it, and only the secret
+    (which never leaves the UDF closure) signs directory entries.
+
+    >>> flight_token("s") == flight_token("s") != flight_token("t")
+    True
+    """
+    return sign(secret, b"flight")
 
 
 def encode_entry(entry: Entry, secret: str) -> bytes:

@@ -24,6 +24,10 @@ task it streams the task's Arrow batches to the actors:
 Rows are numbered within the task's partition: an error names ``partition P`` (Spark's
 ``spark_partition_id()``) and the row's offset in it.
 
+Pools registered with ``executor_transport="flight"`` (executors that are not Ray nodes) get a
+:class:`~spark_ray_udf._flight.FlightPoolClient` from :func:`get_client` instead: the same loop
+over Arrow Flight, and Ray is never imported.
+
 This is the one piece of per-process state in the library: a bounded cache of clients,
 :func:`clear_clients` empties it.
 """
@@ -454,12 +458,15 @@ class PoolClient:
                         self._router.done(p.actor, p.generation)
 
 
-_CLIENTS: OrderedDict[PoolAddress, PoolClient] = OrderedDict()
+_CLIENTS: OrderedDict[PoolAddress, Any] = OrderedDict()  # PoolClient or FlightPoolClient
 _CLIENTS_LOCK = threading.Lock()
 
 
-def get_client(address: PoolAddress) -> PoolClient:
-    """The process's client for ``address``, created (and connected) on first use.
+def get_client(address: PoolAddress) -> Any:
+    """The process's client for ``address``, created (and connected) on first use: a
+    :class:`PoolClient` (this process joins Ray), or for ``address.transport == "flight"`` a
+    :class:`~spark_ray_udf._flight.FlightPoolClient` (Arrow Flight to the actors; Ray is never
+    imported).
 
     The cache keeps the ``MAX_CLIENTS`` most recently used clients; a client whose pool turned
     out to be closed is dropped by :func:`predict_batches`.
@@ -467,19 +474,32 @@ def get_client(address: PoolAddress) -> PoolClient:
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(address)
         if client is None:
-            client = PoolClient(address)
+            if address.transport == "flight":
+                from spark_ray_udf._flight import FlightPoolClient
+
+                client = FlightPoolClient(address)
+            else:
+                client = PoolClient(address)
             _CLIENTS[address] = client
             while len(_CLIENTS) > MAX_CLIENTS:
-                _CLIENTS.popitem(last=False)
+                _close(_CLIENTS.popitem(last=False)[1])
         else:
             _CLIENTS.move_to_end(address)
         return client
 
 
+def _close(client: Any) -> None:
+    """Close a dropped client that holds its own connections (a Flight client; a Ray one
+    shares the process's Ray connection, which stays)."""
+    close = getattr(client, "close", None)
+    if close is not None:
+        close()
+
+
 def drop_client(address: PoolAddress) -> None:
     """Forget the cached client of ``address`` (its pool is closed)."""
     with _CLIENTS_LOCK:
-        _CLIENTS.pop(address, None)
+        _close(_CLIENTS.pop(address, None))
 
 
 def clear_clients() -> None:

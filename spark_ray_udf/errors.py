@@ -57,6 +57,11 @@ class PoolIntegrityError(SparkRayUdfError, RuntimeError):
     job wrote it, or it is damaged): it is refused rather than used."""
 
 
+class FlightAuthError(SparkRayUdfError, PermissionError):
+    """An actor's (or the driver's) Flight endpoint refused a call's token: the caller does not
+    hold the pool's secret (``executor_transport="flight"``)."""
+
+
 class CallTimeoutError(SparkRayUdfError, TimeoutError):
     """A Ray call did not answer within its timeout."""
 

@@ -101,6 +101,7 @@ class Directory:
                 name=info.name if info else "",
                 actor_id=_ray.actor_id_of(actor),
                 node_id=info.node_id if info else "",
+                flight_uri=info.flight_uri if info else "",
             ))
         blob = encode_entry(Entry(generation.number, generation.version, tuple(refs)), self.secret)
         _ray.kv_put(self.key, blob, namespace=KV_NAMESPACE)
@@ -149,6 +150,7 @@ class ModelPool:
     holders: Callable[[], Sequence[Holder]] | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _restarts: dict[str, int] = field(default_factory=dict, repr=False)  # actor id -> restarts seen
 
     @classmethod
     def start(
@@ -163,12 +165,15 @@ class ModelPool:
         init_timeout_s: float,
         cancel: threading.Event | None = None,
         holders: Callable[[], Sequence[Holder]] | None = None,
+        secret: str | None = None,
     ) -> ModelPool:
         """Start ``num_actors`` workers, wait until each has loaded the model, publish them.
 
         ``cancel`` stops the first load (see :func:`start_actors`); ``holders`` names what
-        the other registered functions hold, for placement errors."""
-        directory = Directory(namespace)
+        the other registered functions hold, for placement errors; ``secret`` signs the
+        directory entry (a fresh one when None; the caller passes its own when the actors
+        need a token derived from it, as Flight's)."""
+        directory = Directory(namespace) if secret is None else Directory(namespace, secret=secret)
         try:
             actors, infos = start_actors(
                 spec, stored, num_actors=num_actors, options=actor_options,
@@ -212,6 +217,8 @@ class ModelPool:
                 return  # ray.shutdown() here, or the pool's Ray was lost: nothing to watch
             try:
                 self.replace_dead()
+                if self.spec.flight_token:
+                    self.refresh_endpoints()
                 with self._lock:
                     if not self.closed:
                         self.directory.repair()
@@ -258,6 +265,33 @@ class ModelPool:
             self.generation, self.infos = generation, all_infos
             self.replaced += len(dead)
             return dead
+
+    def refresh_endpoints(self) -> bool:
+        """Flight pools: publish the entry again when an actor that Ray restarted serves on a
+        new port (its ``ready()`` answers the new URI); True when it did. One GCS lookup per
+        actor; a ``ready()`` call only for restarted ones (predict calls do not queue on Ray's
+        side in this mode, so it answers at once)."""
+        gen = self.generation
+        ids = [_ray.actor_id_of(a) for a in gen.actors]
+        counts = [_ray.actor_restarts(a) for a in gen.actors]
+        changed = [i for i, (k, n) in enumerate(zip(ids, counts)) if n != self._restarts.get(k, 0)]
+        if not changed:
+            return False
+        fresh = ray.get([gen.actors[i].ready.remote() for i in changed], timeout=STOP_TIMEOUT_S)
+        with self._lock:
+            if self.closed or self.generation is not gen:
+                return False  # a swap, a replacement or close happened meanwhile
+            infos = list(self.infos)
+            for i, info in zip(changed, fresh):
+                if i < len(infos):
+                    infos[i] = info
+            generation = Generation(number=gen.number + 1, version=gen.version, actors=gen.actors)
+            self.directory.publish(generation, infos)
+            self.generation, self.infos = generation, infos
+            for i in changed:
+                self._restarts[ids[i]] = counts[i]
+        log.info("%s: restarted actors %s serve on new Flight ports; entry republished", self.function, changed)
+        return True
 
     def swap(
         self,

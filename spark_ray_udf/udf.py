@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from spark_ray_udf._arrow import NullPolicy, check_return_type
-from spark_ray_udf._contract import PoolAddress
+from spark_ray_udf._contract import PoolAddress, flight_token
 from spark_ray_udf.client import predict_batches
 from spark_ray_udf.errors import (
     CallTimeoutError,
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
     from spark_ray_udf.worker import WorkerSpec
 
 ModelSource = Literal["auto", "storage", "object_store"]
+ExecutorTransport = Literal["ray", "flight"]
+TRANSPORTS = ("ray", "flight")
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +274,7 @@ class RayModel:
         self._stop_polling = threading.Event()
         self.last_reload_error: BaseException | None = None
         self._http: HttpDoor | None = None  # the HTTP door, while serve() runs it
+        self._flight_directory: Any = None  # flight: the driver's endpoint answering the entry
         self.model_source: Literal["storage", "object_store"] = "storage"
         """Where the actors read the served version from: ``"storage"`` (the table's Parquet
         files) or ``"object_store"`` (chunks the driver read and pinned in Ray's object store)."""
@@ -466,6 +470,9 @@ class RayModel:
                 stop_http(door)  # first: no HTTP request reaches a stopping actor
         finally:
             self._pool.close()  # the pool's own lock orders it with a swap, which it cancels
+            directory, self._flight_directory = self._flight_directory, None
+            if directory is not None:  # after the actors: a stream still reads the entry
+                directory.shutdown()
         with _REGISTRY_LOCK:
             if _REGISTRY.get(self.name) is self:
                 del _REGISTRY[self.name]
@@ -506,6 +513,7 @@ def register_ray_model(
     share_model_files: bool = True,
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     check_environment: bool = True,
+    executor_transport: ExecutorTransport = "ray",
 ) -> RayModel:
     """Register the model stored in the Delta table ``table`` as the SQL function ``name``.
 
@@ -546,6 +554,14 @@ def register_ray_model(
       workers import spark-ray-udf, ray and pyarrow in the driver's versions and reach Ray
       (:class:`~spark_ray_udf.errors.EnvironmentMismatchError` names the interpreter and the
       fix); ``False`` skips it.
+    * ``executor_transport``: how Spark's Python workers reach the actors. ``"ray"`` (default):
+      each joins the Ray cluster as a driver (its machine must be a Ray node or reach the GCS
+      and the raylets). ``"flight"``: each actor also serves Arrow Flight on its node's IP (a
+      port the OS picks) and the registering driver answers where the actors are (on
+      ``spark.driver.host``); the executors call them over gRPC, authenticated with a token
+      derived from the pool's secret, and need only pyarrow, pandas, numpy and spark-ray-udf,
+      not Ray (Spark on Kubernetes next to KubeRay: see docs/deploy.md). The environment check
+      is skipped in this mode.
 
     Registering the same name again with the same table version, functions and options reuses
     the running pool; anything else replaces it.
@@ -576,6 +592,10 @@ def register_ray_model(
         )
     if isinstance(max_model_bytes, bool) or not isinstance(max_model_bytes, int) or max_model_bytes < 1:
         raise ConfigError(f"max_model_bytes must be a positive int (got {max_model_bytes!r})")
+    if executor_transport not in TRANSPORTS:
+        raise ConfigError(
+            f"executor_transport must be 'ray' or 'flight' (got {executor_transport!r})"
+        )
     if on_null not in ("error", "skip"):
         raise ConfigError(f"on_null must be 'error' or 'skip' (got {on_null!r})")
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
@@ -617,6 +637,7 @@ def register_ray_model(
             max_retries=max_retries, ray_address=ray_address, model_source=model_source,
             max_model_bytes=max_model_bytes, min_split_rows=min_split_rows,
             share_model_files=share_model_files, check_environment=check_environment,
+            executor_transport=executor_transport,
         )
     finally:
         lock.release()
@@ -648,6 +669,7 @@ def _register_locked(
     min_split_rows: int | None,
     share_model_files: bool,
     check_environment: bool,
+    executor_transport: ExecutorTransport = "ray",
 ) -> RayModel:
     """:func:`register_ray_model` once its arguments are checked, holding the name's lock."""
     from spark_ray_udf import _ray
@@ -668,6 +690,8 @@ def _register_locked(
     resolved = version if pinned and version is not None else resolve_version(spark, table, version)
     token = uuid.uuid4().hex[:12]
     namespace = f"spark-ray-udf.{name}.{token}"
+    secret = secrets.token_hex(32)  # signs the directory entry; flight derives its token from it
+    flight = executor_transport == "flight"
     spec = WorkerSpec(
         function=name,
         table=table,
@@ -682,6 +706,7 @@ def _register_locked(
         fetch_timeout_s=init_timeout_s,
         with_version=with_version,
         share_files=bool(share_model_files),
+        flight_token=flight_token(secret) if flight else "",
     )
     settings = _Settings(
         table=table,
@@ -692,7 +717,7 @@ def _register_locked(
         spec=spec,
         extra=(
             max_in_flight, float(call_timeout_s), max_retries, ray_address, refresh_seconds,
-            min_split_rows, bool(share_model_files),
+            min_split_rows, bool(share_model_files), executor_transport,
         ),
         max_model_bytes=max_model_bytes,
     )
@@ -709,7 +734,7 @@ def _register_locked(
 
     # an impossible request fails here, in seconds, before the model's files are read
     check_placement(spec, num_actors=num_actors, options=options, holders=_holders)
-    if check_environment:  # once per new pool, before any actor starts (~0.2 s warm)
+    if check_environment and not flight:  # once per new pool, before any actor starts (~0.2 s warm)
         from spark_ray_udf._envcheck import check_environment as check_executors
 
         check_executors(spark, gcs_address, who=name)
@@ -734,7 +759,15 @@ def _register_locked(
         actor_options=options,
         init_timeout_s=init_timeout_s,
         holders=_holders,
+        secret=secret,
     )
+    directory_server = None
+    if flight:
+        try:
+            directory_server = _directory_server(spark, name, pool)
+        except BaseException:
+            pool.close(graceful=False)
+            raise
     address = PoolAddress(
         function=name,
         ray_address=gcs_address,
@@ -746,6 +779,8 @@ def _register_locked(
         max_retries=max_retries,
         secret=pool.directory.secret,
         min_split_rows=min_split_rows,
+        transport=executor_transport,
+        directory_uri=directory_server.uri if directory_server is not None else "",
     )
     model = RayModel(
         spark=spark,
@@ -756,6 +791,7 @@ def _register_locked(
         settings=settings,
         fingerprint=fingerprint,
     )
+    model._flight_directory = directory_server
     model._set_source(stored, source_reason)
     model._register(spark)
     if existing is not None and not existing.closed:
@@ -770,6 +806,21 @@ def _register_locked(
         ", ".join(f"actor {i.index} {i.load_seconds:.2f}s on {i.node_ip}" for i in pool.infos),
     )
     return model
+
+
+def _directory_server(spark: SparkSession, name: str, pool: ModelPool) -> Any:
+    """The driver's Flight endpoint answering the pool's signed entry, on ``spark.driver.host``
+    (the address Spark's executors reach the driver at; 127.0.0.1 in local mode)."""
+    from spark_ray_udf._flight import PoolFlightServer
+
+    try:
+        host = spark.conf.get("spark.driver.host", None) or "127.0.0.1"
+    except Exception:  # Spark Connect may hide the key: the driver's loopback (local mode)
+        host = "127.0.0.1"
+    return PoolFlightServer(
+        host, flight_token(pool.directory.secret), who=f"{name} driver",
+        entry=lambda: pool.directory.published,
+    )
 
 
 _MODELS_SCHEMA = (

@@ -1,4 +1,5 @@
-"""The model actor: one loaded copy of the model, serving Arrow batches.
+"""The model actor: one loaded copy of the model, serving Arrow batches (over Ray calls, and over
+Arrow Flight for pools registered with ``executor_transport="flight"``, see :mod:`spark_ray_udf._flight`).
 
 :class:`ModelWorker` (run as a Ray actor, see :func:`remote_worker_class`) writes the model files
 into its own temporary folder, read straight from the Delta version's Parquet files
@@ -90,6 +91,7 @@ class WorkerSpec:
     with_version: bool = False
     files: tuple[str, ...] = ()  # read the model from these Parquet files; else chunk refs
     share_files: bool = True  # one folder per machine for these bytes (see spark_ray_udf._shared)
+    flight_token: str = ""  # set: also serve batches over Arrow Flight (spark_ray_udf._flight)
 
     @property
     def where(self) -> str:
@@ -209,6 +211,7 @@ class ModelWorker:
         self._spec = spec
         self._index = index
         self._model: Any = None
+        self._flight: Any = None  # the Arrow Flight server (spec.flight_token set)
         self._error: SparkRayUdfError | None = None
         self._counters = _Counters()
         self._turns = _Turns()
@@ -256,6 +259,26 @@ class ModelWorker:
                 f"files. The actor's traceback:\n{traceback.format_exc()}"
             )
         self._load_seconds = time.monotonic() - start
+        if spec.flight_token and self._error is None:
+            self._start_flight()
+
+    def _start_flight(self) -> None:
+        """Serve ``predict`` over Arrow Flight too, on this node's IP, a port the OS picks."""
+        from spark_ray_udf._flight import PORTS_ENV, port_range, start_server
+
+        spec = self._spec
+        try:
+            self._flight = start_server(
+                ray.util.get_node_ip_address(), spec.flight_token, who=f"{spec.function} actor {self._index}",
+                predict=lambda columns, offset, partition: self.predict(columns, offset, partition, "sql"),
+                ports=port_range(os.environ.get(PORTS_ENV)),
+            )
+        except Exception:  # a port or bind failure: the pool's start reports it
+            self._error = ModelInitError(
+                f"{spec.function}: actor {self._index} (pid {os.getpid()}) could not start its "
+                f"Arrow Flight server on {ray.util.get_node_ip_address()}; check that the node "
+                f"can bind a TCP port there. The actor's traceback:\n{traceback.format_exc()}"
+            )
 
     def _fetch(self, chunks: dict[tuple[str, int], Any], dest: str) -> None:
         spec = self._spec
@@ -294,6 +317,7 @@ class ModelWorker:
             node_id=str(ctx.get_node_id()),
             name=str(ctx.get_actor_name() or ""),
             actor_id=str(ctx.get_actor_id() or ""),
+            flight_uri=self._flight.uri if self._flight is not None else "",
         )
 
     @ray.method(concurrency_group=WORK_GROUP)
@@ -324,7 +348,7 @@ class ModelWorker:
         failed = True
         start = time.perf_counter()
         try:
-            with self._turns.turn():
+            with self._turns.turn():  # Ray and Flight calls alike, one at a time, in order
                 start = time.perf_counter()  # busy time and latency: the compute, not the wait
                 out = self._predict(columns, row_offset, partition, n_rows)
             failed = False
@@ -409,7 +433,11 @@ class ModelWorker:
     def stop(self) -> None:
         """Remove the model folder and exit once the calls it accepted are done (at most
         ``STOP_DRAIN_S``); calls still queued in Ray then fail with ``RayActorError`` and their
-        callers send them to the pool's new actors."""
+        callers send them to the pool's new actors. The Flight server, if any, first finishes
+        the calls it holds and then refuses new ones."""
+        if self._flight is not None:
+            self._flight.shutdown()
+            self._flight = None
         deadline = time.monotonic() + STOP_DRAIN_S
         while self.load() and time.monotonic() < deadline:
             time.sleep(0.01)
