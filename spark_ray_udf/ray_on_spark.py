@@ -348,7 +348,6 @@ def _start(spark: Any, options: dict[str, Any]) -> _Running:
 
 
 def _release_one() -> None:
-    global _running
     if _running is None:
         return
     _running.holders -= 1
