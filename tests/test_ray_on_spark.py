@@ -128,6 +128,33 @@ def test_ray_on_spark_options_need_the_spark_address():
         )
 
 
+def test_leases_share_one_cluster_and_the_last_release_stops_it(monkeypatch):
+    """Two functions with the same options share one Ray on Spark; other options are refused;
+    the last release stops it, once; shutdown() with none running does nothing."""
+    stopped: list[str] = []
+    starts: list[dict[str, Any]] = []
+
+    def fake_start(spark: Any, options: dict[str, Any]) -> Any:
+        starts.append(options)
+        return ray_on_spark._Running(address="127.0.0.1:9999", options=options,
+                                     stop=lambda: stopped.append("stop"), start_s=1.0)
+
+    monkeypatch.setattr(ray_on_spark, "_start", fake_start)
+    monkeypatch.setattr(ray_on_spark, "_atexit_registered", True)
+    a = ray_on_spark.acquire(None, None)
+    b = ray_on_spark.acquire(None, {})
+    assert a.address == b.address == ray_on_spark.running_address() and len(starts) == 1
+    with pytest.raises(ConfigError, match="already runs"):
+        ray_on_spark.acquire(None, {"max_worker_nodes": 5})
+    a.release()
+    a.release()  # idempotent: does not count twice
+    assert stopped == [] and ray_on_spark.running_address() is not None
+    b.release()
+    assert stopped == ["stop"] and ray_on_spark.running_address() is None
+    ray_on_spark.shutdown()
+    assert stopped == ["stop"]
+
+
 # --- on a real Spark standalone cluster ---------------------------------------------------------
 
 # small nodes: 1 CPU each (the other core of each Spark worker runs the queries' tasks)
@@ -188,3 +215,36 @@ def test_ray_on_spark_serves_and_leaves_no_ray(spark_only, tmp_path):
           f"Ray gone {res['ray_gone_s']:.1f}s after close")
     names = {Path(f"/proc/{p}/comm").read_text().strip() for p in cluster.pids() if Path(f"/proc/{p}").exists()}
     assert not names & {"raylet", "gcs_server"}, names
+
+
+_REFUSAL_DRIVER = """
+import time
+from pyspark.sql import SparkSession
+from spark_ray_udf import ray_on_spark
+spark = SparkSession.builder.appName("ros-refusal").getOrCreate()
+t = time.monotonic()
+try:
+    ray_on_spark.acquire(spark, None)
+    print("STARTED")
+except Exception as exc:
+    print("ERR", round(time.monotonic() - t, 2), type(exc).__name__, exc)
+finally:
+    spark.stop()
+"""
+
+
+@pytest.mark.cluster
+def test_ray_on_spark_without_the_executors_token_refuses_before_starting(spark_only, tmp_path):
+    """Token auth on, the driver has the token, the executors do not: RayAuthError from the
+    executor probe within seconds, naming spark.executorEnv.RAY_AUTH_TOKEN_PATH, before
+    setup_ray_cluster runs (a bare driver, no model: only the refusal is under test)."""
+    script = tmp_path / "refusal.py"
+    script.write_text(_REFUSAL_DRIVER)
+    proc = spark_only.spark_submit(
+        str(script), env={"RAY_AUTH_TOKEN_PATH": str(spark_only.token_path)}, timeout_s=300,
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(("ERR ", "STARTED"))), "")
+    assert line.startswith("ERR "), f"{line!r}\n{proc.stderr[-4000:]}"
+    assert "RayAuthError" in line and "executors have no Ray token" in line, line
+    assert "spark.executorEnv.RAY_AUTH_TOKEN_PATH" in line
+    assert float(line.split()[1]) < 30, line
