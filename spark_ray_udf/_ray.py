@@ -697,9 +697,23 @@ def start_ray_on_spark(
             os.environ[RAY_ON_SPARK_HOOK_ENV] = previous
 
     def stop() -> None:
+        from ray.util.spark import cluster_init
+
+        cluster = cluster_init._active_ray_cluster
         try:
-            _stop_worker_nodes_first()
-            shutdown_ray_cluster()
+            try:
+                _stop_worker_nodes_first()
+            except Exception as exc:  # e.g. the SparkContext stopped already (at exit)
+                log.warning("Ray on Spark: could not stop the worker nodes first: %s", exc)
+            try:
+                shutdown_ray_cluster()
+            except Exception as exc:
+                # Spark is gone: its executors took the worker nodes with them; end the head
+                # here rather than when this process exits (start_ray_node watches our pid)
+                log.warning("Ray on Spark: shutdown_ray_cluster failed (%s); ending the head", exc)
+                if cluster is not None:
+                    cluster.head_proc.terminate()
+                cluster_init._active_ray_cluster = None
         finally:
             restore()
 
