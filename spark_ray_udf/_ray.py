@@ -628,3 +628,138 @@ def can_add_nodes(status: dict[str, Any]) -> bool:
     if report.get("pending_launches"):
         return True
     return any(kind != f"node_{node}" for node, kind in mapping.items())
+
+
+# --- Ray on Spark (ray.util.spark), behind one function ------------------------------------------
+#
+# ``setup_ray_cluster`` gives the Ray nodes it starts on the executors only the environment of
+# the executor plus what its *start hook* returns from ``custom_environment_variables()``; the
+# hook is a class named by ``RAY_ON_SPARK_START_HOOK`` (or Databricks' default one). That is the
+# only way to hand the nodes ``RAY_AUTH_MODE`` once the SparkContext runs (``spark.executorEnv``
+# is fixed when it starts). tests/test_ray_on_spark.py::test_ray_on_spark_private_api checks
+# the hook variable, the base classes and the ``ray`` look-up on the executors.
+
+RAY_ON_SPARK_HOOK_ENV = "RAY_ON_SPARK_START_HOOK"
+
+
+def _ray_on_spark_hook_base() -> type:
+    """The start hook ``setup_ray_cluster`` would use without ours (user's, Databricks', base)."""
+    from ray._common.utils import load_class
+    from ray.util.spark.databricks_hook import DefaultDatabricksRayOnSparkStartHook
+    from ray.util.spark.start_hook_base import RayOnSparkStartHook
+    from ray.util.spark.utils import is_in_databricks_runtime
+
+    user = os.environ.get(RAY_ON_SPARK_HOOK_ENV, "")
+    if user and user != f"{__name__}._RayOnSparkHook":
+        return load_class(user)  # type: ignore[no-any-return]
+    if is_in_databricks_runtime():
+        return DefaultDatabricksRayOnSparkStartHook
+    return RayOnSparkStartHook
+
+
+def start_ray_on_spark(
+    options: Mapping[str, Any], *, node_env: Mapping[str, str]
+) -> tuple[str, Callable[[], None]]:
+    """Start Ray inside the active Spark application with ``setup_ray_cluster(**options)``,
+    every Ray node getting ``node_env`` on top of its executor's (or the driver's) environment;
+    returns the GCS address and the function that shuts that cluster down.
+
+    The head node runs on the driver; each worker node is a long Spark task on an executor
+    (``python -m ray.util.spark.start_ray_node``, which runs ``shutil.which("ray")`` there).
+    ``setup_ray_cluster`` connects this process to Ray while it waits for the nodes and
+    disconnects afterwards; call :func:`ensure_ray` with the address to connect. The stop
+    function (``shutdown_ray_cluster``) disconnects this process, cancels the Spark job that
+    holds the worker nodes and ends the head.
+    """
+    from ray.util.spark import setup_ray_cluster, shutdown_ray_cluster
+
+    base = _ray_on_spark_hook_base()
+    extra = dict(node_env)
+
+    def init(self: Any, is_global: bool = False) -> None:  # Ray builds a named hook with no args
+        base.__init__(self, is_global)
+
+    def custom_environment_variables(self: Any) -> dict[str, str]:
+        return {**base.custom_environment_variables(self), **extra}
+
+    globals()["_RayOnSparkHook"] = type(
+        "_RayOnSparkHook", (base,),
+        {"__init__": init, "custom_environment_variables": custom_environment_variables},
+    )
+    previous = os.environ.get(RAY_ON_SPARK_HOOK_ENV)
+    # read at set-up and again whenever the autoscaler asks the driver for a worker node
+    os.environ[RAY_ON_SPARK_HOOK_ENV] = f"{__name__}._RayOnSparkHook"
+
+    def restore() -> None:
+        if previous is None:
+            os.environ.pop(RAY_ON_SPARK_HOOK_ENV, None)
+        else:
+            os.environ[RAY_ON_SPARK_HOOK_ENV] = previous
+
+    def stop() -> None:
+        from ray.util.spark import cluster_init
+
+        cluster = cluster_init._active_ray_cluster
+        try:
+            try:
+                _stop_worker_nodes_first()
+            except Exception as exc:  # e.g. the SparkContext stopped already (at exit)
+                log.warning("Ray on Spark: could not stop the worker nodes first: %s", exc)
+            try:
+                shutdown_ray_cluster()
+            except Exception as exc:
+                # Spark is gone: its executors took the worker nodes with them; end the head
+                # here rather than when this process exits (start_ray_node watches our pid)
+                log.warning("Ray on Spark: shutdown_ray_cluster failed (%s); ending the head", exc)
+                if cluster is not None:
+                    cluster.head_proc.terminate()
+                cluster_init._active_ray_cluster = None
+        finally:
+            restore()
+
+    try:
+        address, _remote = on_lasting_thread(lambda: setup_ray_cluster(**options))
+    except BaseException:
+        restore()
+        raise
+    return str(address), stop
+
+
+RAY_ON_SPARK_NODES_STOP_S = 30.0
+
+
+def _stop_worker_nodes_first(timeout_s: float = RAY_ON_SPARK_NODES_STOP_S) -> None:
+    """End Ray on Spark's worker nodes while its head (the GCS) still runs, then return.
+
+    ``shutdown_ray_cluster`` cancels the Spark job that holds the worker nodes and ends the head
+    one second later. Each worker node's dashboard and runtime-env agents, on seeing their
+    raylet gone, report to the GCS before they exit: with the GCS already gone they kept
+    retrying, and outlived the cluster by minutes (tests/test_ray_on_spark.py saw 4 agents
+    left 60 s after close()). So: cancel the job first (private: the active cluster's
+    ``spark_job_server.shutdown()``, which ``shutdown_ray_cluster`` calls again harmlessly),
+    wait until the GCS sees no alive node but the head (at most ``timeout_s``), and only then
+    let ``shutdown_ray_cluster`` end the head.
+    """
+    import time
+
+    import ray
+    from ray.util.spark import cluster_init
+
+    cluster = cluster_init._active_ray_cluster
+    if cluster is None:
+        return
+    cluster.spark_job_server.shutdown()
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + timeout_s
+    alive = -1
+    while time.monotonic() < deadline:
+        try:
+            alive = sum(bool(n["Alive"]) for n in ray.nodes())
+        except Exception:  # the GCS is gone: nothing left to wait for
+            return
+        if alive <= 1:  # the head only
+            return
+        time.sleep(0.5)
+    log.warning("Ray on Spark: %d worker nodes still alive %.0fs after their Spark job was "
+                "cancelled; ending the head anyway", alive - 1, timeout_s)

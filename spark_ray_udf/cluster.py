@@ -192,6 +192,9 @@ class LocalCluster:
     inherit it): by default they do *not* get the Ray token, as on a real Spark cluster next to
     a separate Ray cluster; a job passes it (``spark.executorEnv.RAY_AUTH_TOKEN_PATH``, see
     docs/deploy.md).
+
+    ``ray_nodes=0`` starts Spark only (for jobs that start Ray inside Spark, Ray on Spark);
+    ``ray_address`` then names nothing.
     """
 
     def __init__(
@@ -207,8 +210,10 @@ class LocalCluster:
         spark_worker_env: Mapping[str, str] | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
-        if spark_workers < 1 or ray_nodes < 1:
-            raise ConfigError(f"spark_workers and ray_nodes must be >= 1 (got {spark_workers}, {ray_nodes})")
+        if spark_workers < 1 or ray_nodes < 0:
+            raise ConfigError(
+                f"spark_workers must be >= 1 and ray_nodes >= 0 (got {spark_workers}, {ray_nodes})"
+            )
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="sru-cluster-"))
         self.spark_workers = spark_workers
         self.ray_nodes = ray_nodes
@@ -495,6 +500,8 @@ class LocalCluster:
         raise ClusterError(f"the Spark workers did not register within {self.start_timeout_s}s (logs: {logs})")
 
     def _start_ray(self) -> None:
+        if self.ray_nodes == 0:  # Spark only: a job may start Ray itself (ray_address="spark")
+            return
         for i in range(self.ray_nodes):
             self.start_ray_node(i, wait=False)
         self._wait_ray_nodes()

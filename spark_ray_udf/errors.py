@@ -99,6 +99,11 @@ class EnvironmentMismatchError(SparkRayUdfError, RuntimeError):
     ray or pyarrow, has other versions than the driver, or cannot reach Ray."""
 
 
+class RayOnSparkError(SparkRayUdfError, RuntimeError):
+    """``ray_address="spark"`` could not start Ray inside the Spark application: the executors
+    cannot run ``ray`` (``spark.executorEnv.PATH``), or Ray on Spark itself failed to start."""
+
+
 _IN_TRACEBACK = re.compile(r"^spark_ray_udf\.errors\.(\w+): ", re.M)
 _END_OF_MESSAGE = re.compile(r"\n\s*\n|\nJVM stacktrace:|\n\tat ")
 

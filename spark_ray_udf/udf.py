@@ -275,6 +275,7 @@ class RayModel:
         self.last_reload_error: BaseException | None = None
         self._http: HttpDoor | None = None  # the HTTP door, while serve() runs it
         self._flight_directory: Any = None  # flight: the driver's endpoint answering the entry
+        self._ray_lease: Any = None  # ray_on_spark.Lease, for ray_address="spark"
         self.model_source: Literal["storage", "object_store"] = "storage"
         """Where the actors read the served version from: ``"storage"`` (the table's Parquet
         files) or ``"object_store"`` (chunks the driver read and pinned in Ray's object store)."""
@@ -476,6 +477,16 @@ class RayModel:
         with _REGISTRY_LOCK:
             if _REGISTRY.get(self.name) is self:
                 del _REGISTRY[self.name]
+        lease, self._ray_lease = self._ray_lease, None
+        if lease is not None:  # the last function using Ray on Spark shuts it down
+            lease.release()
+
+    def _hold(self, lease: Any) -> None:
+        """Keep one Ray on Spark lease (a reused pool already holds one: give the new back)."""
+        if self._ray_lease is None and not self.closed:
+            self._ray_lease = lease
+        else:
+            lease.release()
 
     def __enter__(self) -> RayModel:
         return self
@@ -508,6 +519,7 @@ def register_ray_model(
     init_timeout_s: float = 600.0,
     max_retries: int = 3,
     ray_address: str | None = None,
+    ray_on_spark: Mapping[str, Any] | None = None,
     model_source: ModelSource = "auto",
     min_split_rows: int | None = 1024,
     share_model_files: bool = True,
@@ -538,7 +550,10 @@ def register_ray_model(
       so loaders that memory-map (``np.load(mmap_mode="r")``, safetensors) share the page cache
       too. Pass False when ``init_func`` writes into ``model_dir``.
     * ``ray_address`` (or ``RAY_ADDRESS``) selects a Ray cluster; without either, a local Ray
-      on 127.0.0.1 is started.
+      on 127.0.0.1 is started. ``ray_address="spark"`` starts Ray inside this Spark application
+      (Ray on Spark, options in ``ray_on_spark``: ``setup_ray_cluster``'s keyword arguments) and
+      shuts it down when the last function using it closes, or at exit
+      (:mod:`spark_ray_udf.ray_on_spark`, docs/deploy.md).
     * ``model_source``: ``"storage"`` has each actor read the version's Parquet files itself
       (pyarrow; the driver reads only the manifest row and holds no model bytes, and a
       restarted actor reads them again); ``"object_store"`` has the driver read the rows and
@@ -613,6 +628,8 @@ def register_ray_model(
         isinstance(refresh_seconds, (int, float)) and refresh_seconds > 0
     ):
         raise ConfigError(f"refresh_seconds must be None or positive (got {refresh_seconds!r})")
+    if ray_on_spark is not None and ray_address != "spark":
+        raise ConfigError(f"ray_on_spark needs ray_address='spark' (got ray_address={ray_address!r})")
     conf_dict = dict(conf or {})
     bad_keys = [k for k in conf_dict if not isinstance(k, str)]
     if bad_keys:
@@ -620,15 +637,14 @@ def register_ray_model(
     options = dict(actor_options or {})
     spark_type, arrow_type = _types(return_type, with_version)
 
-    lock = _name_lock(name)
-    lock_wait_s = float(init_timeout_s) + 60.0
-    if not lock.acquire(timeout=lock_wait_s):
-        raise CallTimeoutError(
-            f"{name}: another thread's registration of this name still runs after "
-            f"{lock_wait_s:.0f}s; wait for it, or register another name"
-        )
+    lease = None
+    if ray_address == "spark":
+        from spark_ray_udf import ray_on_spark as _ray_on_spark
+
+        lease = _ray_on_spark.acquire(spark, ray_on_spark)
+        ray_address = lease.address
     try:
-        return _register_locked(
+        model = _register_named(
             spark, table, name, init_func, apply_func, spark_type=spark_type,
             arrow_type=arrow_type, num_actors=num_actors, options=options, version=version,
             conf_dict=conf_dict, on_null=on_null, with_version=with_version,
@@ -638,6 +654,31 @@ def register_ray_model(
             max_model_bytes=max_model_bytes, min_split_rows=min_split_rows,
             share_model_files=share_model_files, check_environment=check_environment,
             executor_transport=executor_transport,
+        )
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    if lease is not None:
+        model._hold(lease)
+    return model
+
+
+def _register_named(
+    spark: SparkSession, table: str, name: str, init_func: Callable[[str, Mapping[str, Any]], Any],
+    apply_func: Callable[..., Any], *, init_timeout_s: float, **kwargs: Any,
+) -> RayModel:
+    """:func:`_register_locked` holding the name's lock."""
+    lock = _name_lock(name)
+    lock_wait_s = float(init_timeout_s) + 60.0
+    if not lock.acquire(timeout=lock_wait_s):
+        raise CallTimeoutError(
+            f"{name}: another thread's registration of this name still runs after "
+            f"{lock_wait_s:.0f}s; wait for it, or register another name"
+        )
+    try:
+        return _register_locked(
+            spark, table, name, init_func, apply_func, init_timeout_s=init_timeout_s, **kwargs
         )
     finally:
         lock.release()

@@ -6,7 +6,10 @@ standalone executors, and writes what it saw as JSON to ``--out``: whether every
 equals the in-process math, the Ray nodes the actors run on, how the model reached them, and
 which executor Python workers had imported Ray before connecting. ``--kill-wait FILE``: after
 the first query, write ``<out>.phase1`` and wait for FILE (the test kills a Ray node meanwhile),
-then query again. An exception is written as ``{"error": ...}`` with the seconds it took.
+then query again. ``--ray-address spark`` starts Ray on Spark (options: ``--ray-on-spark``
+JSON) and also records whether the actors run under Spark executors, the start time, and the
+Ray processes left after close. ``locality`` holds the pool's rows and batches per actor node and
+``crossed_nodes``. An exception is written as ``{"error": ...}`` with the seconds it took.
 """
 
 from __future__ import annotations
@@ -64,6 +67,56 @@ def _node_of(actor: Any, timeout_s: float = 120.0) -> str:
             time.sleep(1.0)
 
 
+def _under_executor(actor: Any) -> bool:
+    """Whether the actor's process descends from a Spark executor (CoarseGrainedExecutorBackend):
+    true for a Ray node that a Spark task started (Ray on Spark)."""
+    import ray
+
+    def walk(_self: Any) -> bool:
+        pid = os.getpid()
+        while pid > 1:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+            except OSError:
+                return False
+            if b"CoarseGrainedExecutorBackend" in cmd:
+                return True
+        return False
+
+    return bool(ray.get(actor.__ray_call__.remote(walk), timeout=60))
+
+
+def _ray_processes() -> list[str]:
+    """Ray's processes in this network namespace (the cluster's): raylets, GCS, node starters."""
+    mine, found = os.readlink("/proc/self/ns/net"), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") != mine:
+                continue
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (comm in ("raylet", "gcs_server") or "start_ray_node" in cmd or "ray::" in comm):
+            found.append(f"{pid} {comm} {cmd[:100]}")
+    return found
+
+
+def _locality(stats: dict[str, Any]) -> dict[str, Any]:
+    """The pool's batches and rows per actor node, and crossed_nodes (item 4)."""
+    by_node: dict[str, dict[str, int]] = {}
+    for a in stats["actors"]:
+        node = by_node.setdefault(a["node_id"], {"rows": 0, "batches": 0})
+        node["rows"] += int(a.get("rows", {}).get("sql", 0))
+        node["batches"] += int(a.get("batches", {}).get("sql", 0))
+    return {
+        "by_node": by_node, "crossed_nodes": stats["crossed_nodes"],
+        "batches": stats["batches"]["sql"], "rows": stats["rows"]["sql"],
+    }
+
+
 def _score(spark: SparkSession, name: str, rows: int, partitions: int, model: Any) -> dict[str, Any]:
     from tests.helpers import expected_classes, features_sql
 
@@ -92,6 +145,7 @@ def main() -> None:
     p.add_argument("--kill-wait", default="")
     p.add_argument("--import-ray-first", action="store_true")
     p.add_argument("--try-storage", action="store_true")
+    p.add_argument("--ray-on-spark", default="", help="JSON: setup_ray_cluster options (--ray-address spark)")
     args = p.parse_args()
     data = Path(args.data_dir)
     out: dict[str, Any] = {}
@@ -113,6 +167,7 @@ def main() -> None:
             spark, table, "cluster_predict", init_linear, apply_linear, return_type="bigint",
             num_actors=2, ray_address=args.ray_address, model_source=args.model_source,
             init_timeout_s=120, call_timeout_s=60,
+            ray_on_spark=json.loads(args.ray_on_spark) if args.ray_on_spark else None,
         ) as model:
             out["register_s"] = time.perf_counter() - start
             out["alive_nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
@@ -122,6 +177,13 @@ def main() -> None:
             start = time.perf_counter()
             out["first"] = _score(spark, "cluster_predict", args.rows, args.partitions, linear)
             out["work_roots"] = [a.model_dir for a in model.actors]
+            out["locality"] = _locality(model.stats())
+            if args.ray_address == "spark":
+                from spark_ray_udf import ray_on_spark
+
+                out["ray_on_spark_start_s"] = ray_on_spark.start_seconds()
+                out["driver_node"] = ray.get_runtime_context().get_node_id()
+                out["under_executor"] = [_under_executor(a) for a in model._pool.generation.actors]
             if args.try_storage:  # asked explicitly: each actor reads the files (a shared disk)
                 with register_ray_model(
                     spark, table, "cluster_storage", init_linear, apply_linear,
@@ -142,6 +204,13 @@ def main() -> None:
                     time.sleep(1.0)
                 out["alive_after"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
                 out["actor_nodes_after"] = [_node_of(a) for a in model._pool.generation.actors]
+        if args.ray_address == "spark":  # closed: the last user of Ray on Spark shut it down
+            closed, left = time.monotonic(), _ray_processes()
+            while left and time.monotonic() - closed < 60:
+                time.sleep(0.5)
+                left = _ray_processes()
+            out["ray_left_after_close"] = left
+            out["ray_gone_s"] = time.monotonic() - closed
     except Exception as exc:  # the test reads the error and how long it took
         out["error"] = f"{type(exc).__name__}: {exc}"
         out["error_s"] = time.perf_counter() - start
