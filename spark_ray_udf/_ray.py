@@ -396,6 +396,36 @@ def auth_problem(address: str, mode: str, source: str | None) -> str:
     return f"the Ray at {address} refused the token from {source} (wrong token): "
 
 
+def without_jars(path: list[str]) -> list[str]:
+    """``sys.path`` without the JAR files Spark puts on a Python worker's path.
+
+    Spark adds every ``spark.jars.packages`` / ``--jars`` JAR to its Python workers' path (a
+    JAR may carry Python code). ``import ray`` imports ``tqdm`` when it is installed, whose
+    ``importlib.metadata.version`` call opens every zip on the path: with Delta's 33 JARs that
+    took 4 s in every fresh Python worker (S3, S4 in docs/benchmarks.md). Ray has no module in
+    a JAR.
+
+    >>> without_jars(["/a/pyspark.zip", "/ivy/jars/io.delta_delta-spark_2.13-4.0.0.jar", "/site"])
+    ['/a/pyspark.zip', '/site']
+    """
+    return [p for p in path if not p.lower().endswith(".jar")]
+
+
+def import_ray() -> Any:
+    """``import ray`` with the JARs out of ``sys.path`` meanwhile (see :func:`without_jars`);
+    the path is put back afterwards, with whatever the import added."""
+    if "ray" in sys.modules:
+        return sys.modules["ray"]
+    saved = list(sys.path)
+    sys.path[:] = without_jars(saved)
+    try:
+        import ray
+    finally:
+        added = [p for p in sys.path if p not in saved]
+        sys.path[:] = saved + added
+    return ray
+
+
 def connect_worker(address: str, *, who: str, auth: str = "") -> None:
     """Connect this Spark Python worker process to the Ray at ``address`` (once per process).
 
@@ -409,7 +439,7 @@ def connect_worker(address: str, *, who: str, auth: str = "") -> None:
     """
     if is_loopback(address):
         _loopback_only()  # else Ray looks for this node's raylet on the machine's address
-    import ray
+    ray = import_ray()
 
     with _lock:
         if ray.is_initialized():
