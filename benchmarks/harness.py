@@ -66,6 +66,7 @@ class Result:
     predicts: bool = True
     checksum_ok: bool | None = None
     extra_bytes: int = 0  # memory not visible as USS (e.g. Ray object store), added to the peak
+    extra_label: str = "object store"  # what extra_bytes is, in the report's breakdown
     exclude_pids: frozenset[int] = frozenset()
     actor_busy: float | None = None  # share of the measured passes the actors spent in predict
     notes: list[str] = field(default_factory=list)

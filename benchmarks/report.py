@@ -46,7 +46,7 @@ def throughput_table(sc: Scenario) -> list[str]:
         peak, at = res.peak()
         breakdown = ", ".join(f"{CAT_NAMES[c]} {v / GB:.2f}" for c, v in at.items() if v)
         if res.extra_bytes:
-            breakdown += f", object store {res.extra_bytes / GB:.2f}"
+            breakdown += f", {res.extra_label} {res.extra_bytes / GB:.2f}"
         mem_d = d.peak()[0] if d else 0
         cpu, split = res.cpu_per_row()
         cpu_txt = "n/a" if not math.isfinite(cpu) else f"{cpu * 1e5:.1f}"

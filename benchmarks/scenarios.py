@@ -679,6 +679,7 @@ def s2(b: Bench) -> Scenario:
     r["e"].extra_bytes = pinned
     # (e2)'s actors map the table: its pages are page cache (in no process's USS), held once
     r["e2"].extra_bytes = pinned2 + paths["bytes"]
+    r["e2"].extra_label = "page cache (the mapped table, once)" + (" + object store" if pinned2 else "")
     for key, n in (("e", 1), ("e2", 2)):
         r[key].actor_busy = actor_busy(r[key].passes, n)
         busy = r[key].actor_busy
