@@ -20,6 +20,7 @@ This module never talks to Spark.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -34,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +54,7 @@ from spark_ray_udf.errors import (
 from spark_ray_udf.store import Manifest, materialize, rows_from_files, write_model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONTROL_GROUP = "control"  # stats, loads and pings: never behind predict calls
 WORK_GROUP = "work"  # predict calls: accepted at once, computed one at a time in arrival order
@@ -140,39 +142,39 @@ class _Counters:
 
 
 class _Turns:
-    """One batch computes at a time, in the order the calls arrived (``threading.Lock`` hands
-    itself to any waiter, so a batch could wait behind later ones).
+    """One batch computes at a time, in the order the calls arrived, always on the same thread.
+
+    The calls arrive on the work group's threads (and the Flight server's); each hands its
+    batch to one compute thread and waits. One thread, not a lock: a lock would hand itself to
+    any waiter (a batch could wait behind later ones), and model code run from many threads
+    makes glibc keep one malloc arena per thread, which grows the actor's memory.
 
     >>> t = _Turns()
-    >>> with t.turn(): t.waiting()
+    >>> t.run(lambda: t.waiting())
     1
     >>> t.waiting()
     0
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next = 0
-        self._serving = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spark-ray-udf-compute")
+        self._lock = threading.Lock()
+        self._held = 0
 
     def waiting(self) -> int:
-        """Calls holding a ticket: computing or waiting their turn."""
-        with self._cond:
-            return self._next - self._serving
+        """Calls handed over and not finished: computing or waiting their turn."""
+        with self._lock:
+            return self._held
 
-    @contextlib.contextmanager
-    def turn(self) -> Any:
-        with self._cond:
-            ticket = self._next
-            self._next += 1
-            while ticket != self._serving:
-                self._cond.wait()
+    def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the compute thread, after the calls handed over before it."""
+        with self._lock:
+            self._held += 1
         try:
-            yield
+            return self._pool.submit(fn).result()
         finally:
-            with self._cond:
-                self._serving += 1
-                self._cond.notify_all()
+            with self._lock:
+                self._held -= 1
 
 
 class _Metrics:
@@ -347,16 +349,20 @@ class ModelWorker:
                 c.crossed += 1
         failed = True
         start = time.perf_counter()
+        started: list[float] = []
+
+        def compute() -> pa.Array:
+            started.append(time.perf_counter())  # busy time and latency: the compute, not the wait
+            return self._predict(columns, row_offset, partition, n_rows)
+
         try:
-            with self._turns.turn():  # Ray and Flight calls alike, one at a time, in order
-                start = time.perf_counter()  # busy time and latency: the compute, not the wait
-                out = self._predict(columns, row_offset, partition, n_rows)
+            out = self._turns.run(compute)  # Ray and Flight calls alike, one at a time, in order
             failed = False
             return out
         except (InputError, ModelApplyError) as exc:
             raise _in_partition(exc, partition) from None
         finally:
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - (started[0] if started else start)
             with c.lock:
                 c.in_flight -= 1
                 c.busy_s += seconds
