@@ -77,6 +77,37 @@ PORTS_ENV = "SPARK_RAY_UDF_FLIGHT_PORTS"  # on the Ray nodes: "lo-hi" to keep ac
 __all__ = ["FlightPoolClient", "PoolFlightServer", "error_from_info", "error_info"]
 
 
+def read_table(reader: Any) -> pa.Table:
+    """Read a Flight stream to its end, chunk by chunk, never with ``reader.read_all()``.
+
+    pyarrow's ``read_all()`` runs under a ``SignalStopHandler`` that answers any cancelled
+    call (``FlightCancelledError``: the other side shut down or cancelled mid-stream) by
+    simulating Ctrl-C, ``PyErr_SetInterrupt()``: the process's *main* thread then gets a
+    ``KeyboardInterrupt``, whichever thread made the call. In a Spark Python worker that
+    kills the task (the main thread waits on the call's future); in an actor it hits Ray's
+    main loop. ``read_chunk()`` raises the ``FlightCancelledError`` in the calling thread
+    only, where the retry logic handles it.
+
+    >>> batch = pa.RecordBatch.from_arrays([pa.array([1, 2])], names=["x"])
+    >>> class Reader:  # the part of a Flight stream reader this uses
+    ...     schema, chunks = batch.schema, [batch, batch]
+    ...     def read_chunk(self):
+    ...         if not self.chunks:
+    ...             raise StopIteration
+    ...         return type("Chunk", (), {"data": self.chunks.pop()})()
+    >>> read_table(Reader()).num_rows
+    4
+    """
+    batches = []
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return pa.Table.from_batches(batches, schema=reader.schema)
+        if chunk.data is not None:
+            batches.append(chunk.data)
+
+
 def error_info(exc: BaseException) -> bytes:
     """What a server sends back about a library error: its class name and message.
 
@@ -212,7 +243,7 @@ class PoolFlightServer(fl.FlightServerBase):  # type: ignore[misc]
         if self._predict is None:
             raise fl.FlightServerError(f"{self._who}: this endpoint serves no batches")  # re-raised: client maps it
         meta = json.loads(descriptor.command)
-        table = reader.read_all()
+        table = read_table(reader)
         columns = [c.combine_chunks() for c in table.columns]
         partition = meta.get("partition")
         with self._lock:
@@ -392,7 +423,7 @@ class FlightPoolClient:
             writer.begin(batch.schema)
             writer.write_batch(batch)
             writer.done_writing()
-            table = reader.read_all()
+            table = read_table(reader)
         except BaseException:
             with contextlib.suppress(Exception):  # closing repeats the call's own error
                 writer.close()

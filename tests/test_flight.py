@@ -392,6 +392,44 @@ def test_client_moves_off_a_dead_actor():
         pool.close()
 
 
+CANCELLED_CALL = """
+import time
+import pyarrow as pa, pyarrow.flight as fl
+from spark_ray_udf._flight import FlightPoolClient
+from tests.test_flight import _FakePool, _batches
+
+def cancel(columns, offset, partition):
+    raise fl.FlightCancelledError("actor server shutting down")
+
+pool = _FakePool(2)
+pool.actors[0]._predict = cancel
+out = list(FlightPoolClient(pool.address(max_in_flight=1)).map_batches(_batches(4)))
+assert pa.concat_arrays(out).to_pylist() == list(range(40)), out
+time.sleep(0.5)  # a simulated Ctrl-C would land on this (the main) thread by now
+pool.close()
+print("served")
+"""
+
+
+def test_a_cancelled_call_does_not_interrupt_the_main_thread():
+    """A call the server cancels (an actor's server shutting down under a reload) is retried on
+    another actor, and no KeyboardInterrupt reaches the main thread: pyarrow's ``read_all()``
+    simulates Ctrl-C on a cancelled call, which killed a Spark task in CI (``read_table``).
+    In a subprocess, so that a regression fails this test and not the pytest session."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CANCELLED_CALL], cwd=Path(__file__).parent.parent,
+            capture_output=True, text=True, timeout=60,
+        )
+    except subprocess.TimeoutExpired as exc:  # interrupted mid-call, it waits on the call's threads
+        raise AssertionError(f"the client hung after a cancelled call: {exc.stderr!r:.3000}") from None
+    assert proc.returncode == 0 and proc.stdout.strip() == "served", proc.stderr[-3000:]
+    assert "KeyboardInterrupt" not in proc.stderr
+
+
 def test_client_gives_up_after_max_retries():
     """With every actor gone, a batch fails with RetriesExhaustedError after max_retries."""
     from spark_ray_udf._flight import FlightPoolClient
