@@ -4,8 +4,9 @@ A task's Arrow batches go out in order, at most ``max_in_flight`` of them at onc
 whole or cut into pieces for the idle actors (:func:`~spark_ray_udf.router.plan_split`), and
 the results come back in input order. What differs between the transports (how one piece is
 sent, how its result is awaited, what to do with a call nobody will wait for) comes in as
-callables: :class:`~spark_ray_udf.client.PoolClient` passes Ray calls,
-:class:`~spark_ray_udf._flight.FlightPoolClient` passes Flight calls.
+callables (:func:`map_batches`), or as the methods of a :class:`BatchLoop`:
+:class:`~spark_ray_udf.client.PoolClient` sends Ray calls,
+:class:`~spark_ray_udf._flight.FlightPoolClient` sends Flight calls.
 
 Pure: this module imports pyarrow and the library's ``errors`` and ``router`` only (no Ray,
 no Spark at import), so the Flight client, which must never import Ray, can use it.
@@ -17,7 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -26,7 +27,7 @@ from spark_ray_udf.router import plan_split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pending", "cut", "map_batches", "partition"]
+__all__ = ["BatchLoop", "Pending", "cut", "map_batches", "partition"]
 
 
 @dataclass
@@ -172,3 +173,61 @@ def map_batches(
             log.debug("%s: abandoning %d calls still in flight", function, len(left))
         for p in left:
             abandon(p)
+
+
+class _Address(Protocol):
+    """The part of a pool's address the loop reads."""
+
+    @property
+    def function(self) -> str: ...
+
+    @property
+    def max_in_flight(self) -> int: ...
+
+
+class BatchLoop:
+    """A client whose :meth:`map_batches` is the shared loop over its own transport: a
+    subclass sets ``address`` (the function's name and ``max_in_flight``) and gives
+    :meth:`refresh` (learn which actors serve now), :meth:`_send`, :meth:`_collect` and
+    :meth:`_abandon` (the ``send``, ``collect`` and ``abandon`` of :func:`map_batches`).
+    ``_partition`` is the running task's partition while :meth:`map_batches` runs.
+
+    >>> from types import SimpleNamespace
+    >>> class Doubler(BatchLoop):
+    ...     address = SimpleNamespace(function="f", max_in_flight=1)
+    ...     def refresh(self): pass
+    ...     def _send(self, columns, offset):
+    ...         return [Pending(columns=columns, row_offset=offset, call=columns[0])]
+    ...     def _collect(self, p): return pa.array([2 * x for x in p.call.to_pylist()])
+    ...     def _abandon(self, p): pass
+    >>> [a.to_pylist() for a in Doubler().map_batches([pa.array([1]), (pa.array([2, 3]),)])]
+    [[2], [4, 6]]
+    """
+
+    address: _Address
+    _partition: int | None = None
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+    def _send(self, columns: list[pa.Array], offset: int) -> list[Pending]:
+        raise NotImplementedError
+
+    def _collect(self, p: Pending) -> pa.Array:
+        raise NotImplementedError
+
+    def _abandon(self, p: Pending) -> None:
+        raise NotImplementedError
+
+    def map_batches(self, batches: Iterable[pa.Array | tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
+        """Predict every batch of a task, in order (at most ``max_in_flight`` out at once)."""
+        self._partition = partition()
+        self.refresh()
+        yield from map_batches(
+            batches,
+            function=self.address.function,
+            max_in_flight=self.address.max_in_flight,
+            send=self._send,
+            collect=self._collect,
+            abandon=self._abandon,
+        )
