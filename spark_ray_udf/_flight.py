@@ -41,28 +41,26 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from spark_ray_udf import errors
+from spark_ray_udf import _batches, errors
+from spark_ray_udf._batches import Pending
 from spark_ray_udf._contract import Entry, PoolAddress, decode_entry, flight_token
 from spark_ray_udf.errors import (
     CallTimeoutError,
     ConfigError,
     FlightAuthError,
-    InputError,
     ModelApplyError,
     PoolClosedError,
     PoolIntegrityError,
     RetriesExhaustedError,
     SparkRayUdfError,
 )
-from spark_ray_udf.router import Router, plan_split, retries_left
+from spark_ray_udf.router import Router, retries_left
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +109,7 @@ def read_table(reader: Any) -> pa.Table:
 def error_info(exc: BaseException) -> bytes:
     """What a server sends back about a library error: its class name and message.
 
-    >>> error_info(InputError("f: row 3 is null"))
+    >>> error_info(errors.InputError("f: row 3 is null"))
     b'{"message": "f: row 3 is null", "type": "InputError"}'
     """
     return json.dumps({"type": type(exc).__name__, "message": str(exc)}, sort_keys=True).encode()
@@ -168,7 +166,7 @@ def error_from_info(info: bytes | None, fallback: str) -> SparkRayUdfError:
     :class:`ModelApplyError` saying ``fallback`` when the description is missing or names no
     error of the library).
 
-    >>> error_from_info(error_info(InputError("f: row 3 is null")), "?")
+    >>> error_from_info(error_info(errors.InputError("f: row 3 is null")), "?")
     InputError('f: row 3 is null')
     >>> error_from_info(b"junk", "f: the actor failed")
     ModelApplyError('f: the actor failed')
@@ -265,33 +263,7 @@ class PoolFlightServer(fl.FlightServerBase):  # type: ignore[misc]
         raise fl.FlightServerError(f"{self._who}: unknown action {action.type!r}")  # re-raised: client maps it
 
 
-@dataclass
-class _Pending:
-    columns: list[pa.Array]
-    row_offset: int
-    actor: int = -1
-    generation: int = -1
-    future: concurrent.futures.Future[pa.Array] | None = None
-    attempts: int = 0
-    done: pa.Array | None = None
-
-    @property
-    def rows(self) -> str:
-        n = len(self.columns[0]) if self.columns else 0
-        return f"rows {self.row_offset}..{self.row_offset + n - 1}"
-
-
-def _partition() -> int | None:
-    """The Spark partition of the running task (None outside a Spark task)."""
-    try:
-        from pyspark import TaskContext
-    except ImportError:  # pragma: no cover - pyspark is a dependency
-        return None
-    ctx = TaskContext.get()
-    return None if ctx is None else int(ctx.partitionId())
-
-
-class FlightPoolClient:
+class FlightPoolClient(_batches.BatchLoop):
     """Sends a task's batches to the pool's actors over Flight; the executor-side twin of
     :class:`spark_ray_udf.client.PoolClient` (same ordering, in-flight limit, retries and
     timeouts), without Ray. One per (process, pool)."""
@@ -431,11 +403,10 @@ class FlightPoolClient:
         writer.close()
         return table.column(0).combine_chunks()
 
-    def _where(self, p: _Pending) -> str:
-        part = "" if self._partition is None else f" of partition {self._partition}"
-        return f"{p.rows}{part}"
+    def _where(self, p: Pending) -> str:
+        return p.where(self._partition)
 
-    def _submit(self, p: _Pending) -> _Pending:
+    def _submit(self, p: Pending) -> Pending:
         backoff = 0.1
         while True:
             i = self._router.pick()
@@ -448,10 +419,10 @@ class FlightPoolClient:
             self._router.forget()
             self.refresh()
         p.actor, p.generation = i, self._router.number
-        p.future = self._threads.submit(self._exchange, self._uris[i], p.columns, p.row_offset)
+        p.call = self._threads.submit(self._exchange, self._uris[i], p.columns, p.row_offset)
         return p
 
-    def _check_attempts(self, p: _Pending, cause: BaseException | None) -> None:
+    def _check_attempts(self, p: Pending, cause: BaseException | None) -> None:
         if retries_left(p.attempts, self.address.max_retries):
             return
         why = "no actor of the pool could take the batch" if cause is None else (
@@ -464,12 +435,10 @@ class FlightPoolClient:
             "(their Flight ports must be open to them)"
         ) from cause
 
-    def _collect(self, p: _Pending) -> pa.Array:
-        if p.done is not None:
-            return p.done
+    def _collect(self, p: Pending) -> pa.Array:
         a = self.address
         while True:
-            future = p.future
+            future: concurrent.futures.Future[pa.Array] | None = p.call
             if future is None:  # never sent (cannot happen after _send): send it now
                 self._submit(p)
                 continue
@@ -510,51 +479,13 @@ class FlightPoolClient:
             self._router.done(p.actor, p.generation)
             return out
 
-    def _send(self, columns: list[pa.Array], offset: int) -> list[_Pending]:
-        n = len(columns[0])
-        sizes = plan_split(n, self._router.idle(), min_rows=self.address.min_split_rows)
-        if len(sizes) == 1:
-            return [self._submit(_Pending(columns=columns, row_offset=offset))]
-        group, start = [], 0
-        for size in sizes:
-            piece = [c.slice(start, size) for c in columns]
-            group.append(self._submit(_Pending(columns=piece, row_offset=offset + start)))
-            start += size
-        return group
+    def _send(self, columns: list[pa.Array], offset: int) -> list[Pending]:
+        """Submit one batch: whole, or cut into pieces for the idle actors (``plan_split``).
+        Pieces are plain slices: they go out as Arrow IPC, not pickled."""
+        return _batches.cut(
+            columns, offset, idle=self._router.idle(), min_rows=self.address.min_split_rows, submit=self._submit
+        )
 
-    def _collect_group(self, group: list[_Pending]) -> pa.Array:
-        results = [self._collect(p) for p in group]
-        return results[0] if len(results) == 1 else pa.concat_arrays(results)
-
-    def map_batches(self, batches: Iterable[pa.Array | tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
-        """Predict every batch of a task, in order (at most ``max_in_flight`` out at once)."""
-        self._partition = _partition()
-        self.refresh()
-        pending: deque[list[_Pending]] = deque()
-        offset = 0
-        limit = max(1, self.address.max_in_flight)
-        try:
-            for batch in batches:
-                columns = list(batch) if isinstance(batch, tuple) else [batch]
-                if not columns:
-                    f = self.address.function
-                    raise InputError(
-                        f"{f}: called without arguments; pass the columns apply_func takes, "
-                        f"e.g. {f}(features)"
-                    )
-                n = len(columns[0])
-                if n == 0:
-                    pending.append([_Pending(columns=columns, row_offset=offset, done=pa.array([], type=pa.null()))])
-                else:
-                    pending.append(self._send(columns, offset))
-                offset += n
-                while len(pending) >= limit:
-                    yield self._collect_group(pending.popleft())
-            while pending:
-                yield self._collect_group(pending.popleft())
-        finally:
-            for group in pending:
-                for p in group:
-                    if p.future is not None and p.done is None:
-                        p.future.cancel()
-                        self._router.done(p.actor, p.generation)
+    def _abandon(self, p: Pending) -> None:
+        p.call.cancel()
+        self._router.done(p.actor, p.generation)

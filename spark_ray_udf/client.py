@@ -26,7 +26,8 @@ Rows are numbered within the task's partition: an error names ``partition P`` (S
 
 Pools registered with ``executor_transport="flight"`` (executors that are not Ray nodes) get a
 :class:`~spark_ray_udf._flight.FlightPoolClient` from :func:`get_client` instead: the same loop
-over Arrow Flight, and Ray is never imported.
+(:mod:`spark_ray_udf._batches`, which both clients share) over Arrow Flight, and Ray is never
+imported.
 
 This is the one piece of per-process state in the library: a bounded cache of clients,
 :func:`clear_clients` empties it.
@@ -38,17 +39,17 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 
+from spark_ray_udf import _batches
+from spark_ray_udf._batches import Pending
 from spark_ray_udf._contract import ENTRY_KEY, ActorRef, Entry, PoolAddress, decode_entry
 from spark_ray_udf.errors import (
     CallTimeoutError,
-    InputError,
     ModelApplyError,
     PoolClosedError,
     PoolIntegrityError,
@@ -56,7 +57,7 @@ from spark_ray_udf.errors import (
     RetriesExhaustedError,
     SparkRayUdfError,
 )
-from spark_ray_udf.router import Router, plan_split, retries_left
+from spark_ray_udf.router import Router, retries_left
 
 log = logging.getLogger(__name__)
 
@@ -69,32 +70,6 @@ MAX_CLIENTS = 64  # clients cached per process (one per registered pool it serve
 KV_NAMESPACE = "spark-ray-udf"  # same as pool.KV_NAMESPACE (the pool module needs the driver)
 
 __all__ = ["PoolAddress", "PoolClient", "clear_clients", "get_client", "predict_batches"]
-
-
-@dataclass
-class _Pending:
-    columns: list[pa.Array]
-    row_offset: int
-    actor: int = -1
-    generation: int = -1
-    ref: Any = None
-    attempts: int = 0
-    done: pa.Array | None = None
-
-    @property
-    def rows(self) -> str:
-        n = len(self.columns[0]) if self.columns else 0
-        return f"rows {self.row_offset}..{self.row_offset + n - 1}"
-
-
-def _partition() -> int | None:
-    """The Spark partition of the running task (None outside a Spark task)."""
-    try:
-        from pyspark import TaskContext
-    except ImportError:  # pragma: no cover - pyspark is a dependency
-        return None
-    ctx = TaskContext.get()
-    return None if ctx is None else int(ctx.partitionId())
 
 
 def entry_key(namespace: str) -> bytes:
@@ -128,7 +103,7 @@ def lookup_actor(address: PoolAddress, ref: ActorRef) -> Any:
     return handle
 
 
-class PoolClient:
+class PoolClient(_batches.BatchLoop):
     """Sends a task's batches to the pool's actors. One per (process, pool)."""
 
     def __init__(self, address: PoolAddress) -> None:
@@ -274,9 +249,8 @@ class PoolClient:
                 "retries of this task fail the same way until then)"
             ) from exc
 
-    def _where(self, p: _Pending) -> str:
-        part = "" if self._partition is None else f" of partition {self._partition}"
-        return f"{p.rows}{part}"
+    def _where(self, p: Pending) -> str:
+        return p.where(self._partition)
 
     def _probe_loads(self) -> None:
         """Feed the router the actors' own counts of the calls they hold (every caller's).
@@ -313,7 +287,7 @@ class PoolClient:
                 continue
             self._reported_at = time.monotonic()
 
-    def _submit(self, p: _Pending) -> _Pending:
+    def _submit(self, p: Pending) -> Pending:
         backoff = 0.1
         while True:
             i = self._router.pick()
@@ -331,12 +305,12 @@ class PoolClient:
             self.refresh()
         p.actor = i
         p.generation = self._router.number
-        p.ref = self._actors[i].predict.remote(
+        p.call = self._actors[i].predict.remote(
             p.columns, p.row_offset, self._partition, "sql", self._router.node
         )
         return p
 
-    def _check_attempts(self, p: _Pending, cause: BaseException | None) -> None:
+    def _check_attempts(self, p: Pending, cause: BaseException | None) -> None:
         if retries_left(p.attempts, self.address.max_retries):
             return
         if cause is None:
@@ -351,17 +325,15 @@ class PoolClient:
             "why the actors die (out of memory, apply_func or a library crashing the process)"
         ) from cause
 
-    def _collect(self, p: _Pending) -> pa.Array:
+    def _collect(self, p: Pending) -> pa.Array:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-        if p.done is not None:
-            return p.done
         while True:
             try:
-                out = self._get(p.ref, what=f"{self._where(p)} from actor {p.actor}")
+                out = self._get(p.call, what=f"{self._where(p)} from actor {p.actor}")
             except GetTimeoutError as exc:
-                ray.cancel(p.ref)
+                ray.cancel(p.call)
                 self._router.done(p.actor, p.generation)
                 raise CallTimeoutError(
                     f"{self.address.function}: actor {p.actor} did not return "
@@ -405,57 +377,26 @@ class PoolClient:
             self._router.done(p.actor, p.generation)
             return out
 
-    def _send(self, columns: list[pa.Array], offset: int) -> list[_Pending]:
+    def _send(self, columns: list[pa.Array], offset: int) -> list[Pending]:
         """Submit one batch: whole, or cut into pieces for the idle actors (``plan_split``).
         Pieces are compact copies: a pickled Arrow slice would carry its whole parent buffer."""
-        n = len(columns[0])
         self._probe_loads()
-        sizes = plan_split(n, self._router.idle(), min_rows=self.address.min_split_rows)
-        if len(sizes) == 1:
-            return [self._submit(_Pending(columns=columns, row_offset=offset))]
-        group, start = [], 0
-        for size in sizes:
-            piece = [pa.concat_arrays([c.slice(start, size)]) for c in columns]
-            group.append(self._submit(_Pending(columns=piece, row_offset=offset + start)))
-            start += size
-        return group
+        return _batches.cut(
+            columns,
+            offset,
+            idle=self._router.idle(),
+            min_rows=self.address.min_split_rows,
+            submit=self._submit,
+            piece=_compact_slice,
+        )
 
-    def _collect_group(self, group: list[_Pending]) -> pa.Array:
-        results = [self._collect(p) for p in group]
-        return results[0] if len(results) == 1 else pa.concat_arrays(results)
+    def _abandon(self, p: Pending) -> None:
+        self._router.done(p.actor, p.generation)
 
-    def map_batches(self, batches: Iterable[pa.Array | tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
-        """Predict every batch of a task, in order."""
-        self._partition = _partition()
-        self.refresh()
-        pending: deque[list[_Pending]] = deque()
-        offset = 0
-        limit = max(1, self.address.max_in_flight)
-        try:
-            for batch in batches:
-                columns = list(batch) if isinstance(batch, tuple) else [batch]
-                if not columns:
-                    f = self.address.function
-                    raise InputError(
-                        f"{f}: called without arguments; pass the columns apply_func takes, "
-                        f"e.g. {f}(features)"
-                    )
-                n = len(columns[0])
-                if n == 0:
-                    pending.append([_Pending(columns=columns, row_offset=offset, done=pa.array([], type=pa.null()))])
-                else:
-                    pending.append(self._send(columns, offset))
-                offset += n
-                while len(pending) >= limit:
-                    yield self._collect_group(pending.popleft())
-            while pending:
-                yield self._collect_group(pending.popleft())
-        finally:
-            # On an error or an abandoned iterator, forget what is still in flight.
-            for group in pending:
-                for p in group:
-                    if p.ref is not None and p.done is None:
-                        self._router.done(p.actor, p.generation)
+
+def _compact_slice(column: pa.Array, start: int, size: int) -> pa.Array:
+    """A copy of ``column[start:start + size]`` that owns only its own rows."""
+    return pa.concat_arrays([column.slice(start, size)])
 
 
 _CLIENTS: OrderedDict[PoolAddress, Any] = OrderedDict()  # PoolClient or FlightPoolClient
