@@ -49,6 +49,12 @@ def test_a_batch_avoids_the_actor_another_caller_keeps_busy(slow_pool):
     before = set(p.name for p in progress.iterdir())
     t.start()
     helpers.wait_for(lambda: model.stats()["in_flight"] >= 1, 30, "the first batch to reach an actor")
+
+    def second_sees_it() -> bool:  # a loaded machine can answer load() later than LOAD_WAIT_S
+        second._probe_loads()
+        return second.router.load(0) >= 1
+
+    helpers.wait_for(second_sees_it, 30, "the second caller to see actor 0's report")
     list(second.map_batches([_batch(10)]))
     t.join(30)
     names = sorted(
