@@ -1,4 +1,4 @@
-"""A driver that tests/test_flight.py runs with ``spark-submit`` inside a LocalCluster.
+"""A driver that tests/test_cluster.py runs with ``spark-submit`` inside a LocalCluster.
 
 It saves the tiny linear model in a path Delta table, registers it with
 ``executor_transport="flight"`` against the cluster's Ray (``--ray-address``; the driver has

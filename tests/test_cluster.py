@@ -28,6 +28,7 @@ from spark_ray_udf.testing import LocalCluster
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
+FLIGHT_SHADOW = "ray is not installed on this executor (tests/test_cluster.py shadow)"
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,33 @@ def test_connect_without_token_inside_the_cluster_is_fast(cluster, tmp_path):
     line = next((x for x in proc.stdout.splitlines() if x.startswith("ERR ")), "")
     assert "RayAuthError" in line and "(wrong token)" in line, proc.stderr[-3000:]
     assert float(line.split()[1]) < 10
+
+
+def test_cluster_executors_without_ray_serve_over_flight(cluster, tmp_path):
+    """spark-submit on the standalone cluster, executors with neither Ray's token nor an
+    importable Ray: exact predictions over 4 partitions through the actors' Flight servers on
+    the two Ray nodes."""
+    shadow = tmp_path / "shadow"
+    (shadow / "ray").mkdir(parents=True)
+    (shadow / "ray" / "__init__.py").write_text(f"raise ImportError({FLIGHT_SHADOW!r})\n")
+    out_path = tmp_path / "out.json"
+    proc = cluster.spark_submit(
+        "tests/flight_cluster_app.py", "--ray-address", cluster.ray_address,
+        "--data-dir", str(tmp_path / "data"), "--out", str(out_path),
+        # standalone executors take this as their whole PYTHONPATH: the checkout goes after it
+        conf={
+            "spark.executorEnv.PYTHONPATH": f"{shadow}:{ROOT}",
+            "spark.task.maxFailures": "1",
+        },
+        env={"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}, timeout_s=600,
+    )
+    assert out_path.exists(), f"rc {proc.returncode}:\n{proc.stderr[-6000:]}"
+    out = json.loads(out_path.read_text())
+    assert "error" not in out, out.get("traceback")
+    assert out["executors_import_ray"] == [FLIGHT_SHADOW]
+    assert out["exact"] and out["rows"] == 20000 and out["rows_sql"] == 20000
+    assert len(set(out["actor_nodes"])) == 2
+    assert all(u.startswith("grpc://127.0.0.1:") for u in out["flight_uris"])
 
 
 def test_losing_a_ray_node_leaves_the_pool_serving(cluster, tmp_path):
