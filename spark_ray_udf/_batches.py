@@ -15,6 +15,7 @@ no Spark at import), so the Flight client, which must never import Ray, can use 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -23,11 +24,15 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from spark_ray_udf.errors import InputError
-from spark_ray_udf.router import plan_split
+from spark_ray_udf.router import Router, plan_split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchLoop", "Pending", "cut", "map_batches", "partition"]
+__all__ = ["BatchLoop", "LoadProbes", "Pending", "cut", "map_batches", "partition"]
+
+LOAD_PROBE_S = 0.05  # ask the actors for their load at most this often
+LOAD_STALE_S = 1.0  # a view older than this is refreshed before choosing (waiting LOAD_WAIT_S)
+LOAD_WAIT_S = 0.05  # the longest a batch waits for the actors' load reports
 
 
 @dataclass
@@ -231,3 +236,66 @@ class BatchLoop:
             collect=self._collect,
             abandon=self._abandon,
         )
+
+
+class LoadProbes:
+    """The pool's load as one caller sees it: asks every usable actor how many calls it holds
+    (every caller's) and feeds the answers to the caller's :class:`~spark_ray_udf.router.Router`
+    (:meth:`~spark_ray_udf.router.Router.report`). Both transports use it with their own call:
+    ``ask(i)`` sends actor ``i`` a load probe and returns its handle (a Ray ``ObjectRef``, a
+    future) or None when it cannot; ``ready(handles, timeout)`` returns those answered within
+    ``timeout`` seconds; ``answer(handle)`` reads one (raising one of ``errors`` when the probe
+    failed: that answer is skipped, the batches' own calls detect dead actors).
+
+    :meth:`run` sends probes at most every ``LOAD_PROBE_S`` and takes the answers that are in,
+    without waiting, except when the view is older than ``LOAD_STALE_S`` (a task's first
+    batch): then up to ``LOAD_WAIT_S``. Probes never answered are asked again after
+    ``LOAD_STALE_S``.
+
+    >>> from spark_ray_udf.router import Router
+    >>> r = Router(start=0); _ = r.update(1, ["a0", "a1"])
+    >>> probes = LoadProbes(
+    ...     ask=lambda i: (i, [3, 0][i]), ready=lambda handles, timeout: handles,
+    ...     answer=lambda handle: handle[1], errors=(OSError,))
+    >>> probes.run(r)
+    >>> r.load(0), r.load(1), r.pick()
+    (3, 0, 1)
+    """
+
+    def __init__(
+        self,
+        *,
+        ask: Callable[[int], Any],
+        ready: Callable[[list[Any], float], Iterable[Any]],
+        answer: Callable[[Any], int],
+        errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self._ask, self._ready, self._answer, self._errors = ask, ready, answer, errors
+        self._probes: dict[Any, tuple[int, int, int]] = {}  # handle -> (slot, generation, own)
+        self._probed_at = -1e9  # monotonic time the last probes were sent
+        self._reported_at = -1e9  # monotonic time a probe last came back
+
+    def run(self, router: Router) -> None:
+        """Send the probes that are due and report the answers that are in (see the class)."""
+        if len(router.slots) < 2:
+            return
+        now = time.monotonic()
+        if self._probes and now - self._probed_at > LOAD_STALE_S:
+            self._probes.clear()  # answers that never came: ask again
+        if not self._probes and now - self._probed_at >= LOAD_PROBE_S:
+            self._probed_at = now
+            for i, slot in enumerate(router.slots):
+                if slot.usable:
+                    handle = self._ask(i)
+                    if handle is not None:
+                        self._probes[handle] = (i, router.number, slot.in_flight)
+        if not self._probes:
+            return
+        wait = LOAD_WAIT_S if now - self._reported_at > LOAD_STALE_S else 0.0
+        for handle in list(self._ready(list(self._probes), wait)):
+            i, number, own = self._probes.pop(handle)
+            try:
+                router.report(i, number, int(self._answer(handle)), own)
+            except self._errors:
+                continue
+            self._reported_at = time.monotonic()

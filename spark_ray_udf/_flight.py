@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 TOKEN_HEADER = "x-spark-ray-udf-token"
 ENTRY_ACTION = "entry"
 PING_ACTION = "ping"
+LOAD_ACTION = "load"  # an actor's answer: how many calls it holds (every caller's), as ASCII digits
 PING_TIMEOUT_S = 2.0  # a ping of an actor that failed waits this long
 ENTRY_TIMEOUT_S = 30.0  # a read of the directory entry waits this long (at most call_timeout_s)
 
@@ -138,12 +139,14 @@ def port_range(text: str | None) -> range:
     return range(first, last + 1)
 
 
-def start_server(host: str, token: str, *, who: str, predict: Predict, ports: range) -> PoolFlightServer:
+def start_server(
+    host: str, token: str, *, who: str, predict: Predict, load: Callable[[], int], ports: range
+) -> PoolFlightServer:
     """An actor's server on the first free port of ``ports`` (see :func:`port_range`)."""
     last: Exception | None = None
     for port in ports:
         try:
-            return PoolFlightServer(host, token, who=who, predict=predict, port=port)
+            return PoolFlightServer(host, token, who=who, predict=predict, load=load, port=port)
         except (OSError, pa.ArrowException) as exc:  # taken: try the next one
             last = exc
     raise ConfigError(
@@ -208,7 +211,8 @@ Predict = Callable[[list[pa.Array], int, "int | None"], pa.Array]
 class PoolFlightServer(fl.FlightServerBase):  # type: ignore[misc]
     """A Flight server for one actor (``predict`` set) or for the registering driver (only
     ``entry``): ``DoExchange`` predicts one batch, ``DoAction("entry")`` answers the signed
-    directory entry, ``DoAction("ping")`` answers ``b"ok"``. Listens on ``host``, port 0
+    directory entry, ``DoAction("ping")`` answers ``b"ok"``, ``DoAction("load")`` (``load``
+    set) the number of calls the actor holds from every caller. Listens on ``host``, port 0
     (the OS picks; :attr:`uri` says which), from construction until :meth:`shutdown`.
 
     >>> server = PoolFlightServer("127.0.0.1", "tok", who="f", entry=lambda: b"signed")
@@ -226,14 +230,15 @@ class PoolFlightServer(fl.FlightServerBase):  # type: ignore[misc]
         *,
         who: str,
         predict: Predict | None = None,
+        load: Callable[[], int] | None = None,
         entry: Callable[[], bytes | None] | None = None,
         port: int = 0,
     ) -> None:
         super().__init__(f"grpc://{host}:{port}", middleware={"token": _TokenCheck(token, who)})
         self._who = who
-        self._predict = predict
+        self._predict = predict  # the actor's: it queues calls for its one compute thread
+        self._load = load
         self._entry = entry
-        self._lock = threading.Lock()  # one batch at a time, as Ray runs an actor's predict calls
         self.uri = f"grpc://{host}:{self.port}"
         threading.Thread(target=self.serve, name=f"spark-ray-udf-flight-{who}", daemon=True).start()
 
@@ -244,12 +249,11 @@ class PoolFlightServer(fl.FlightServerBase):  # type: ignore[misc]
         table = read_table(reader)
         columns = [c.combine_chunks() for c in table.columns]
         partition = meta.get("partition")
-        with self._lock:
-            try:
-                out = self._predict(columns, int(meta["row_offset"]), None if partition is None else int(partition))
-            except SparkRayUdfError as exc:
-                first = (str(exc).splitlines() or [""])[0]
-                raise fl.FlightServerError(first, extra_info=error_info(exc)) from None  # re-raised: client maps it
+        try:
+            out = self._predict(columns, int(meta["row_offset"]), None if partition is None else int(partition))
+        except SparkRayUdfError as exc:
+            first = (str(exc).splitlines() or [""])[0]
+            raise fl.FlightServerError(first, extra_info=error_info(exc)) from None  # re-raised: client maps it
         result = pa.Table.from_arrays([out], names=["result"])
         writer.begin(result.schema)
         writer.write_table(result)
@@ -257,6 +261,8 @@ class PoolFlightServer(fl.FlightServerBase):  # type: ignore[misc]
     def do_action(self, context: Any, action: Any) -> Iterator[bytes]:
         if action.type == PING_ACTION:
             return iter([b"ok"])
+        if action.type == LOAD_ACTION and self._load is not None:
+            return iter([str(int(self._load())).encode()])
         if action.type == ENTRY_ACTION:
             blob = self._entry() if self._entry is not None else None
             return iter([blob or b""])
@@ -287,6 +293,16 @@ class FlightPoolClient(_batches.BatchLoop):
             max_workers=max(2, 2 * address.max_in_flight), thread_name_prefix="spark-ray-udf-flight"
         )
         self._partition: int | None = None
+        # load probes get threads of their own: behind the batches they would answer late
+        self._probe_threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="spark-ray-udf-flight-load"
+        )
+        self._loads = _batches.LoadProbes(
+            ask=self._ask_load,
+            ready=lambda futures, timeout: concurrent.futures.wait(futures, timeout=timeout).done,
+            answer=lambda future: future.result(timeout=0),
+            errors=(fl.FlightError, OSError, ValueError),
+        )
 
     @property
     def version(self) -> int:
@@ -307,6 +323,7 @@ class FlightPoolClient(_batches.BatchLoop):
     def close(self) -> None:
         """Close the connections and the call threads (the cache calls it on dropping this)."""
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._probe_threads.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
         for client in clients:
@@ -479,9 +496,23 @@ class FlightPoolClient(_batches.BatchLoop):
             self._router.done(p.actor, p.generation)
             return out
 
+    def _ask_load(self, i: int) -> concurrent.futures.Future[int] | None:
+        """Send actor ``i`` a ``DoAction("load")`` on a probe thread (None: no URI known)."""
+        uri = self._uris[i] if i < len(self._uris) else ""
+        if not uri:
+            return None
+
+        def ask() -> int:
+            results = list(self._client(uri).do_action(LOAD_ACTION, options=self._quick))
+            return int(results[0].body.to_pybytes()) if results else 0
+
+        return self._probe_threads.submit(ask)
+
     def _send(self, columns: list[pa.Array], offset: int) -> list[Pending]:
-        """Submit one batch: whole, or cut into pieces for the idle actors (``plan_split``).
+        """Submit one batch: whole, or cut into pieces for the idle actors (``plan_split``), as
+        the actors' load reports (:class:`~spark_ray_udf._batches.LoadProbes`) count them.
         Pieces are plain slices: they go out as Arrow IPC, not pickled."""
+        self._loads.run(self._router)
         return _batches.cut(
             columns, offset, idle=self._router.idle(), min_rows=self.address.min_split_rows, submit=self._submit
         )

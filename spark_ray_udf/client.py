@@ -8,9 +8,9 @@ task it streams the task's Arrow batches to the actors:
 
 * which actor gets a batch is the :class:`~spark_ray_udf.router.Router`'s choice (least loaded,
   then on this node, then rotation); the load includes other callers' calls, as each actor
-  reports them to a ``load()`` probe sent at most every ``LOAD_PROBE_S`` (never waited on except
-  once, briefly, when the view is older than ``LOAD_STALE_S``); this module only does the
-  transport and the waits;
+  reports them to a ``load()`` probe (:class:`~spark_ray_udf._batches.LoadProbes`: sent at most
+  every ``LOAD_PROBE_S``, never waited on except once, briefly, when the view is older than
+  ``LOAD_STALE_S``); this module only does the transport and the waits;
 * up to ``max_in_flight`` batches per task are in flight, so Spark ships batch k+1 while an
   actor computes batch k;
 * results come back in input order;
@@ -63,9 +63,6 @@ log = logging.getLogger(__name__)
 
 PROBE_S = 2.0  # while a call is out, check this often that Ray's GCS still accepts connections
 INTEGRITY_WAIT_S = 15.0  # how long a forged directory entry is waited out (3 watcher rounds)
-LOAD_PROBE_S = 0.05  # ask the actors for their load at most this often
-LOAD_STALE_S = 1.0  # a view older than this is refreshed before choosing (waiting LOAD_WAIT_S)
-LOAD_WAIT_S = 0.05  # the longest a batch waits for the actors' load reports
 MAX_CLIENTS = 64  # clients cached per process (one per registered pool it served)
 KV_NAMESPACE = "spark-ray-udf"  # same as pool.KV_NAMESPACE (the pool module needs the driver)
 
@@ -121,9 +118,14 @@ class PoolClient(_batches.BatchLoop):
         self._pings: dict[int, Any] = {}  # slot -> pending pid() call of an unusable actor
         self._router.start = os.getpid()
         self._partition: int | None = None
-        self._probes: dict[Any, tuple[int, int, int]] = {}  # load() ref -> (slot, generation, own)
-        self._probed_at = -1e9  # monotonic time the last probes were sent
-        self._reported_at = -1e9  # monotonic time a probe last came back
+        from ray.exceptions import RayError
+
+        self._loads = _batches.LoadProbes(
+            ask=lambda i: self._actors[i].load.remote() if self._actors[i] is not None else None,
+            ready=lambda refs, timeout: ray.wait(refs, num_returns=len(refs), timeout=timeout)[0],
+            answer=lambda ref: ray.get(ref, timeout=0),
+            errors=(RayError,),
+        )
 
     def _closed_message(self) -> str:
         a = self.address
@@ -253,39 +255,9 @@ class PoolClient(_batches.BatchLoop):
         return p.where(self._partition)
 
     def _probe_loads(self) -> None:
-        """Feed the router the actors' own counts of the calls they hold (every caller's).
-
-        Sends ``load()`` to every usable actor at most every ``LOAD_PROBE_S`` and takes the
-        answers that are in, without waiting, except when the view is older than
-        ``LOAD_STALE_S`` (a task's first batch): then up to ``LOAD_WAIT_S``. A probe that does
-        not answer only leaves the view older; the batches' own calls detect dead actors.
-        """
-        import ray
-        from ray.exceptions import RayError
-
-        r = self._router
-        if len(r.slots) < 2:
-            return
-        now = time.monotonic()
-        if self._probes and now - self._probed_at > LOAD_STALE_S:
-            self._probes.clear()  # answers that never came: ask again
-        if not self._probes and now - self._probed_at >= LOAD_PROBE_S:
-            self._probed_at = now
-            for i, slot in enumerate(r.slots):
-                if slot.usable and self._actors[i] is not None:
-                    self._probes[self._actors[i].load.remote()] = (i, r.number, slot.in_flight)
-        if not self._probes:
-            return
-        wait = LOAD_WAIT_S if now - self._reported_at > LOAD_STALE_S else 0.0
-        refs = list(self._probes)
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait)
-        for ref in ready:
-            i, number, own = self._probes.pop(ref)
-            try:
-                r.report(i, number, int(ray.get(ref, timeout=0)), own)
-            except RayError:
-                continue
-            self._reported_at = time.monotonic()
+        """Feed the router the actors' own counts of the calls they hold (every caller's):
+        ``load()`` Ray calls, timed by :class:`~spark_ray_udf._batches.LoadProbes`."""
+        self._loads.run(self._router)
 
     def _submit(self, p: Pending) -> Pending:
         backoff = 0.1

@@ -273,6 +273,7 @@ class ModelWorker:
             self._flight = start_server(
                 ray.util.get_node_ip_address(), spec.flight_token, who=f"{spec.function} actor {self._index}",
                 predict=lambda columns, offset, partition: self.predict(columns, offset, partition, "sql"),
+                load=self._calls_held,
                 ports=port_range(os.environ.get(PORTS_ENV)),
             )
         except Exception:  # a port or bind failure: the pool's start reports it
@@ -420,6 +421,9 @@ class ModelWorker:
     @ray.method(concurrency_group=CONTROL_GROUP)
     def load(self) -> int:
         """Calls this actor holds now (computing or waiting their turn), from every caller."""
+        return self._calls_held()
+
+    def _calls_held(self) -> int:  # also the Flight server's DoAction("load")
         with self._counters.lock:
             return self._counters.in_flight
 

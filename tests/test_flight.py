@@ -263,7 +263,7 @@ def test_port_range_skips_a_taken_port():
 
     first = PoolFlightServer("127.0.0.1", "tok", who="a", predict=predict)
     ports = range(first.port, min(first.port + 50, 65536))
-    second = start_server("127.0.0.1", "tok", who="b", predict=predict, ports=ports)
+    second = start_server("127.0.0.1", "tok", who="b", predict=predict, load=lambda: 0, ports=ports)
     try:
         assert second.port in ports and second.port != first.port
     finally:
@@ -441,6 +441,68 @@ def test_client_gives_up_after_max_retries():
             s.shutdown()
         with pytest.raises(RetriesExhaustedError, match="rows 0..9"):
             list(FlightPoolClient(pool.address(max_retries=2)).map_batches(_batches(2)))
+    finally:
+        pool.close()
+
+
+class _SlowCounted:
+    """An actor's predict that takes ``seconds`` and counts the calls it holds, as the actor's
+    ``load()`` does."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.held, self.calls, self.lock = seconds, 0, 0, threading.Lock()
+
+    def predict(self, columns: list[pa.Array], offset: int, partition: int | None) -> pa.Array:
+        with self.lock:
+            self.held += 1
+            self.calls += 1
+        try:
+            time.sleep(self.seconds)
+            return columns[0]
+        finally:
+            with self.lock:
+                self.held -= 1
+
+    def load(self) -> int:
+        with self.lock:
+            return self.held
+
+
+def test_flight_callers_see_the_pool_load():
+    """Two Flight callers that would both pick actor 0 on their own counts: while the first
+    one's slow batch runs there, the second one's DoAction("load") probe shows it, and its batch
+    goes to actor 1 (the load view of the Ray path, over Flight)."""
+    from spark_ray_udf._flight import FlightPoolClient
+
+    pool = _FakePool(0)
+    actors = [_SlowCounted(1.5), _SlowCounted(1.5)]
+    pool.actors = [
+        PoolFlightServer("127.0.0.1", flight_token(SECRET), who=f"a{i}", predict=a.predict, load=a.load)
+        for i, a in enumerate(actors)
+    ]
+    refs = tuple(ActorRef(f"a{i}", f"id-{i}", "", srv.uri) for i, srv in enumerate(pool.actors))
+    pool.blob = encode_entry(Entry(5, 5, refs), SECRET)
+    try:
+        first, second = FlightPoolClient(pool.address()), FlightPoolClient(pool.address())
+        for c in (first, second):
+            c.refresh()
+            c.router.start = 0
+        thread = threading.Thread(target=lambda: list(first.map_batches(_batches(1))))
+        thread.start()
+        helpers.wait_for(lambda: actors[0].load() == 1, 30, "the first batch to reach actor 0")
+
+        def second_sees_it() -> bool:
+            second._loads.run(second.router)
+            return second.router.load(0) >= 1
+
+        helpers.wait_for(second_sees_it, 30, "the second caller to see actor 0's load")
+        assert second.router.pick() == 1
+        second.router.done(1, second.router.number)
+        out = list(second.map_batches(_batches(1)))
+        assert out[0].to_pylist() == list(range(10))
+        assert actors[1].calls == 1 and actors[0].calls == 1
+        thread.join(30)
+        assert not thread.is_alive()
     finally:
         pool.close()
 
