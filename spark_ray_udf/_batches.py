@@ -211,6 +211,18 @@ class BatchLoop:
 
     address: _Address
     _partition: int | None = None
+    _router: Router
+    _version: int = -1
+
+    @property
+    def version(self) -> int:
+        """The model version of the generation this client last read."""
+        return self._version
+
+    @property
+    def router(self) -> Router:
+        """This client's view of the pool (its slots, loads and usable actors)."""
+        return self._router
 
     def refresh(self) -> None:
         raise NotImplementedError

@@ -304,14 +304,6 @@ class FlightPoolClient(_batches.BatchLoop):
             errors=(fl.FlightError, OSError, ValueError),
         )
 
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def router(self) -> Router:
-        return self._router
-
     def _client(self, uri: str) -> fl.FlightClient:
         with self._lock:
             client = self._clients.get(uri)

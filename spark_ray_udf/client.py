@@ -134,14 +134,6 @@ class PoolClient(_batches.BatchLoop):
             f"{a.ray_address}) is closed or gone; call register_ray_model() again"
         )
 
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def router(self) -> Router:
-        return self._router
-
     def _read_entry(self) -> bytes | None:
         from spark_ray_udf._ray import kv_get
 
