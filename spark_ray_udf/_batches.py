@@ -132,7 +132,7 @@ def map_batches(
     returns its pieces; ``collect(piece)`` waits for one piece's result (retrying as the
     transport does); an empty batch is answered without a call. When the loop stops before
     the end (an error, or the consumer stops reading), ``abandon(piece)`` is called for every
-    piece still in flight. A call without arguments is an :class:`InputError` for
+    piece still in flight, the failed piece's siblings included. A call without arguments is an :class:`InputError` for
     ``function``.
 
     >>> sent = []
@@ -150,7 +150,15 @@ def map_batches(
     limit = max(1, max_in_flight)
 
     def collect_group(group: list[Pending]) -> pa.Array:
-        results = [p.done if p.done is not None else collect(p) for p in group]
+        results = []
+        for k, p in enumerate(group):
+            try:
+                results.append(p.done if p.done is not None else collect(p))
+            except BaseException:  # re-raised: the pieces after it are let go first
+                for q in group[k + 1:]:
+                    if q.call is not None and q.done is None:
+                        abandon(q)
+                raise
         return results[0] if len(results) == 1 else pa.concat_arrays(results)
 
     try:

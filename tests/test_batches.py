@@ -192,6 +192,16 @@ def test_a_batch_cut_for_idle_actors_comes_back_whole() -> None:
     assert fake.pieces == [[3, 3], [2, 2], [2, 2]]
 
 
+def test_a_failed_piece_abandons_its_sibling_pieces() -> None:
+    """A batch cut into 3 pieces whose first piece fails: the other two are abandoned (their
+    actors' in-flight counts are let go), as is the batch behind it."""
+    fake = FakeTransport(fail_at=0, idle=3)
+    with pytest.raises(ModelApplyError, match="f: rows from 0 failed"):
+        list(fake.run([pa.array(range(7)), pa.array(range(7, 10))], max_in_flight=2))
+    assert fake.sent[:3] == [0, 3, 5] and fake.collected == [0]
+    assert sorted(fake.abandoned) == sorted(fake.sent[1:]) and fake.out == 0
+
+
 def test_cut_uses_the_piece_callable_and_plain_slices_by_default() -> None:
     column = pa.array(range(6))
     plain = cut([column], 0, idle=2, min_rows=1, submit=lambda p: p)
