@@ -129,6 +129,25 @@ def _why_s1(sc: Scenario, cores: int) -> str:
     return "\n".join(lines)
 
 
+def _why_s2_two_actors(d: Result, e2: Result) -> str:
+    """Why 2 actors sharing the table miss (d)'s rows/s: extra work, or cores left idle."""
+    cpu_d, cpu_e = d.cpu_per_row()[0], e2.cpu_per_row()[0]
+    cores = os.cpu_count() or 1
+    used_d, used_e = d.median_rate * cpu_d, e2.median_rate * cpu_e
+    busy = f", its actors busy {e2.actor_busy:.0%} of the time each" if e2.actor_busy is not None else ""
+    text = (f"CPU per row: (e2) {_us(cpu_e)} against (d)'s {_us(cpu_d)}; (e2) kept {used_e:.2f} of "
+            f"the {cores} cores busy{busy}, (d) {used_d:.2f}")
+    if cpu_e <= cpu_d * 1.05 and used_e < used_d:
+        text += (f": the same work per row (within 5%), so the gap is {used_d - used_e:.2f} core(s) "
+                 "left idle, not extra work from the hop; this run does not show where they idle "
+                 "(the tasks' waits on their calls, or the actors' on their queues)")
+    else:
+        text += ": (e2) does more work per row (the batches' trips through Ray, see S5)"
+    if d.spread > 0.2:
+        text += f"; (d)'s own runs spread {d.spread:.0%}, so the ratio moves by that much between runs"
+    return text
+
+
 def _why_s2(sc: Scenario) -> str:
     r = sc.results
     if "d" not in r or "e" not in r:
@@ -202,8 +221,7 @@ def _why_s2(sc: Scenario) -> str:
                       f"({raysys / GB:.1f} GB) and two actors' bases; the table is one page-cache copy "
                       f"against {tasks} private ones")
         elif tg.met is False and "2 actors" in tg.name and e2 is not None:
-            tg.why = ("two actors on 2 cores share them with the JVM and 4 Spark Python workers"
-                      + (f" (actors busy {e2.actor_busy:.0%} of the time each)" if e2.actor_busy is not None else ""))
+            tg.why = _why_s2_two_actors(r["d"], e2)
         elif tg.met is False:
             saturated = e.actor_busy is not None and e.actor_busy >= 0.7
             tg.why = (("one actor is one process computing for 4 tasks" if saturated or e.actor_busy is None
