@@ -134,7 +134,7 @@ def ensure_ray(address: str | None = None) -> str:
     with _lock:
         if ray.is_initialized():
             current = str(ray.get_runtime_context().gcs_address)
-            if _alive(current):
+            if gcs_alive(current):
                 _check_same_cluster(address, current)
                 return current
             _disconnect_lost(current, who="the driver")
@@ -242,8 +242,10 @@ def on_lasting_thread(func: Callable[[], T], *, timeout_s: float = START_TIMEOUT
         ) from exc
 
 
-def _alive(address: str) -> bool:
-    """True if the GCS at ``address`` accepts a TCP connection within 2 s."""
+def gcs_alive(address: str) -> bool:
+    """True if the GCS at ``address`` accepts a TCP connection within 2 s (a refused one
+    answers at once). Ray's own GCS calls wait up to 60 s for a GCS that is gone, then end
+    the process: ask this first where that wait would hurt (``close()``, the watcher)."""
     try:
         check_reachable(address, timeout_s=2.0)
     except RayUnavailableError:
@@ -444,7 +446,7 @@ def connect_worker(address: str, *, who: str, auth: str = "") -> None:
     with _lock:
         if ray.is_initialized():
             current = str(ray.get_runtime_context().gcs_address)
-            if current != address and not _alive(current):
+            if current != address and not gcs_alive(current):
                 _disconnect_lost(current, who=who)  # Ray restarted: join the new one below
             elif current != address:
                 raise RayUnavailableError(

@@ -215,6 +215,8 @@ class ModelPool:
         while not self._stop.wait(wait):
             if not ray.is_initialized() or _current_gcs() != self.gcs_address:
                 return  # ray.shutdown() here, or the pool's Ray was lost: nothing to watch
+            if not _ray.gcs_alive(self.gcs_address):
+                continue  # a GCS lookup would wait 60 s for it (it may come back: look again)
             try:
                 self.replace_dead()
                 if self.spec.flight_token:
@@ -399,7 +401,16 @@ class ModelPool:
                 self._lock.release()
         # Else Ray stopped them: ray.shutdown() before atexit, or the pool's Ray was lost and
         # this process has joined another one since (the old handles mean nothing there).
-        if ray.is_initialized() and _current_gcs() == self.gcs_address:
+        reachable = ray.is_initialized() and _current_gcs() == self.gcs_address
+        if reachable and not _ray.gcs_alive(self.gcs_address):
+            # Ray's GCS calls would wait 60 s for it and then end this process
+            log.warning(
+                "%s: the Ray at %s is gone; closing without stopping its actors or removing their "
+                "folders on the nodes (a Ray that comes back sweeps stale folders at its next pool)",
+                self.function, self.gcs_address,
+            )
+            reachable = False
+        if reachable:
             stop_actors(self.generation.actors, graceful=graceful)
             try:
                 self.directory.remove()
