@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -198,7 +199,7 @@ class _Address(Protocol):
     def max_in_flight(self) -> int: ...
 
 
-class BatchLoop:
+class BatchLoop(ABC):
     """A client whose :meth:`map_batches` is the shared loop over its own transport: a
     subclass sets ``address`` (the function's name and ``max_in_flight``) and gives
     :meth:`refresh` (learn which actors serve now), :meth:`_send`, :meth:`_collect` and
@@ -232,17 +233,17 @@ class BatchLoop:
         """This client's view of the pool (its slots, loads and usable actors)."""
         return self._router
 
-    def refresh(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def refresh(self) -> None: ...
 
-    def _send(self, columns: list[pa.Array], offset: int) -> list[Pending]:
-        raise NotImplementedError
+    @abstractmethod
+    def _send(self, columns: list[pa.Array], offset: int) -> list[Pending]: ...
 
-    def _collect(self, p: Pending) -> pa.Array:
-        raise NotImplementedError
+    @abstractmethod
+    def _collect(self, p: Pending) -> pa.Array: ...
 
-    def _abandon(self, p: Pending) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _abandon(self, p: Pending) -> None: ...
 
     def map_batches(self, batches: Iterable[pa.Array | tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
         """Predict every batch of a task, in order (at most ``max_in_flight`` out at once)."""
