@@ -233,6 +233,10 @@ class BatchLoop(ABC):
         """This client's view of the pool (its slots, loads and usable actors)."""
         return self._router
 
+    def _where(self, p: Pending) -> str:
+        """``p``'s rows and the running task's partition, for error messages."""
+        return p.where(self._partition)
+
     @abstractmethod
     def refresh(self) -> None: ...
 

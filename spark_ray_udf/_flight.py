@@ -412,9 +412,6 @@ class FlightPoolClient(_batches.BatchLoop):
         writer.close()
         return table.column(0).combine_chunks()
 
-    def _where(self, p: Pending) -> str:
-        return p.where(self._partition)
-
     def _submit(self, p: Pending) -> Pending:
         backoff = 0.1
         while True:

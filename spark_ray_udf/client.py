@@ -243,9 +243,6 @@ class PoolClient(_batches.BatchLoop):
                 "retries of this task fail the same way until then)"
             ) from exc
 
-    def _where(self, p: Pending) -> str:
-        return p.where(self._partition)
-
     def _probe_loads(self) -> None:
         """Feed the router the actors' own counts of the calls they hold (every caller's):
         ``load()`` Ray calls, timed by :class:`~spark_ray_udf._batches.LoadProbes`."""
